@@ -1,0 +1,167 @@
+"""The ``raylm`` command line: parse, build the typed config, run one stage, clean up.
+
+Each command is a thin wrapper over a stage function; heavy imports happen inside the command so
+``raylm --help`` stays fast. Config errors stop before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from cluster.config import ConfigError, RaylmConfig, load_config, write_resolved
+from data_pipelines.errors import DataError
+
+__all__ = ["main", "build_parser"]
+
+PLANNED = {
+    "train": "pretraining and fine-tuning with Ray Train + DeepSpeed",
+    "report": "plots of a run's metrics",
+    "export": "consolidated Hugging Face export",
+    "eval": "perplexity and task scores",
+    "serve": "the OpenAI-compatible Ray Serve endpoint",
+    "doctor": "cluster preflight checks",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (omit to use defaults and --set only)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.seq_len=1024 (repeatable; beats the YAML)",
+    )
+
+
+def _load(args: argparse.Namespace) -> RaylmConfig:
+    return load_config(args.config, args.overrides)
+
+
+def tokenizer_path(cfg: RaylmConfig) -> str:
+    """The tokenizer a stage uses: `data.tokenizer` if set, else what `tokenizer train` writes."""
+    return cfg.data.tokenizer or cfg.tokenizer.output
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from data_pipelines.synth import write_corpus
+
+    summary = write_corpus(args.out, docs=args.docs, seed=args.seed, shards=args.shards)
+    print(summary.describe())
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.ray_env import ray_session
+    from data_pipelines.tokenizer_train import train_tokenizer
+
+    with ray_session(cfg.ray):
+        out = train_tokenizer(cfg.tokenizer, cfg.data)
+    write_resolved(cfg, out)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.ray_env import ray_session
+    from data_pipelines.prepare import prepare, summarize
+
+    with ray_session(cfg.ray):
+        result = prepare(cfg.data, tokenizer_path(cfg))
+    write_resolved(cfg, result.output)
+    print(summarize(result))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from cluster.quickstart import run_quickstart
+
+    return run_quickstart(args.workdir, overrides=args.overrides, docs=args.docs)
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"raylm {name}: not built yet ({PLANNED[name]}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylm",
+        description="Sharded corpora -> Ray Data -> Ray Train + DeepSpeed -> HF export -> Ray Serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "synth", help="write a deterministic synthetic corpus (pretraining + SFT tasks)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--docs", type=int, default=4000, help="pretraining documents (default 4000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--shards", type=int, default=4, help="jsonl shards per split (default 4)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("tokenizer", help="tokenizer commands")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
+    tsub.required = True
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer with a chat template")
+    _add_config_args(t)
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="data commands")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    d = dsub.add_parser(
+        "prepare", help="corpora -> cleaned, deduplicated, tokenized, packed parquet"
+    )
+    _add_config_args(d)
+    d.set_defaults(func=_cmd_data_prepare)
+
+    for name in ("train", "eval", "serve"):
+        p = sub.add_parser(name, help=f"{PLANNED[name]} (not built yet)")
+        _add_config_args(p)
+        p.set_defaults(func=_planned(name))
+    p = sub.add_parser("report", help=f"{PLANNED['report']} (not built yet)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_planned("report"))
+    p = sub.add_parser("export", help=f"{PLANNED['export']} (not built yet)")
+    p.add_argument("run_or_checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_planned("export"))
+    p = sub.add_parser("doctor", help=f"{PLANNED['doctor']} (not built yet)")
+    p.add_argument("--address")
+    p.set_defaults(func=_planned("doctor"))
+
+    p = sub.add_parser("quickstart", help="the main job on the embedded synthetic corpus")
+    p.add_argument("--workdir", default="runs/quickstart", help="where every stage writes")
+    p.add_argument("--docs", type=int, default=4000, help="synthetic pretraining documents")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"raylm: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"raylm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raylm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

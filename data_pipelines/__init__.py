@@ -1,0 +1,1 @@
+"""raylm data stage: readers, cleaning, dedup, tokenizer training, tokenization, packing, writer."""

@@ -1,0 +1,351 @@
+"""``raylm data prepare``: corpora -> cleaned, deduplicated, tokenized, packed parquet + manifest.
+
+Ray edge of the data stage. The flow, streaming end to end:
+
+    read_binary_files (one row per shard, sorted by path)
+      -> parse_and_clean   (tasks: line-level parse, normalize, PII, length filter, hash, split)
+      -> mark_duplicates   (tasks calling hash-partitioned DedupShard actors)
+      -> TokenizeBatch     (actor pool, tokenizer loaded once per actor)
+      -> driver: tally rejections, pack sequentially, write fixed-size parquet shards
+
+Ray Data runs with ``preserve_order`` so documents reach the packer in (shard path, line) order
+whatever the block sizes or actor counts; packing and writing are sequential, so the same inputs and
+config give sha256-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.clean import content_hash, is_validation, normalize_text, redact_pii
+from data_pipelines.config import DataConfig
+from data_pipelines.errors import DataError
+from data_pipelines.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    combined_fingerprint,
+    data_config_hash,
+    existing_complete_manifest,
+    fingerprint_inputs,
+    write_manifest,
+)
+from data_pipelines.pack import ConversationPacker, DocumentPacker
+from data_pipelines.readers import STRICT_REASONS, InputFiles, expand_inputs, parse_file
+from data_pipelines.tokenize import TokenizeBatch, load_tokenizer, tokenizer_fingerprint
+from data_pipelines.writer import ShardWriter
+
+__all__ = ["PrepareResult", "parse_and_clean", "prepare", "summarize"]
+
+log = logging.getLogger("raylm.data")
+SAMPLES_PER_REASON = 3
+
+
+@dataclass
+class PrepareResult:
+    output: Path
+    manifest: dict
+    skipped: bool = False
+    seconds: float = 0.0
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parse_and_clean(batch: dict[str, np.ndarray], cfg: DataConfig, display: dict[str, str]):
+    """Ray Data batch function over shards: one output row per record (kept or rejected).
+
+    Columns out: source (str "file:line"), reason (str, "" if kept), text (str; sft: messages as
+    canonical JSON), hash (16 bytes), validation (bool), pii_<kind> (int32).
+    """
+    sft = cfg.mode == "sft"
+    rows: dict[str, list] = {k: [] for k in ("source", "reason", "text", "hash", "validation")}
+    pii_cols = {k: [] for k in cfg.pii.kinds} if cfg.pii.enabled else {}
+    for path, data in zip(batch["path"], batch["bytes"], strict=True):
+        name = display.get(path) or display.get("/" + path) or str(path)
+        records = parse_file(
+            name, data, cfg.format, cfg.text_field, cfg.messages_field, sft, cfg.text_unit
+        )
+        for rec in records:
+            text, pii = _clean_record(rec.payload, rec.reason, cfg)
+            reason = rec.reason or _length_reason(text, cfg)
+            if cfg.strict and reason in STRICT_REASONS:
+                raise DataError(f"{rec.source}: {reason} (data.strict is on)")
+            digest = content_hash(text) if not reason else b"\0" * 16
+            rows["source"].append(rec.source)
+            rows["reason"].append(reason)
+            rows["text"].append(text if not reason else "")
+            rows["hash"].append(digest)
+            rows["validation"].append(not reason and is_validation(digest, cfg.validation_fraction))
+            for kind, col in pii_cols.items():
+                col.append(pii.get(kind, 0))
+    out = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
+    out["validation"] = np.asarray(rows["validation"], dtype=np.bool_)
+    for kind, col in pii_cols.items():
+        out[f"pii_{kind}"] = np.asarray(col, dtype=np.int32)
+    return out
+
+
+def _clean_record(payload, reason: str, cfg: DataConfig) -> tuple[str, dict[str, int]]:
+    if reason:
+        return "", {}
+    n = cfg.normalize
+    if isinstance(payload, list):  # sft messages: clean each content, keep the structure
+        pii: Counter = Counter()
+        messages = []
+        for m in payload:
+            content = normalize_text(m["content"], n.unicode, n.collapse_whitespace)
+            if cfg.pii.enabled:
+                content, counts = redact_pii(content, cfg.pii.kinds)
+                pii.update(counts)
+            messages.append({"role": m["role"], "content": content})
+        return json.dumps(messages, ensure_ascii=False, sort_keys=True), dict(pii)
+    text = normalize_text(payload, n.unicode, n.collapse_whitespace)
+    if cfg.pii.enabled:
+        return redact_pii(text, cfg.pii.kinds)
+    return text, {}
+
+
+def _length_reason(text: str, cfg: DataConfig) -> str:
+    if cfg.mode == "sft":
+        return ""  # conversations are measured in tokens at tokenize time
+    if len(text) < cfg.min_chars or not text:
+        return "too_short"
+    if len(text) > cfg.max_chars:
+        return "too_long"
+    return ""
+
+
+@dataclass
+class _Tally:
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+    def reject(self, reason: str, source: str) -> None:
+        self.rejected[reason] += 1
+        bucket = self.samples.setdefault(reason, [])
+        if len(bucket) < SAMPLES_PER_REASON:
+            bucket.append(source)
+
+
+class _scoped_data_context:
+    """Ray Data's DataContext is process-global: set what this job needs and restore it after."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        self.saved = (ctx.execution_options.preserve_order, ctx.target_max_block_size)
+        ctx.execution_options.preserve_order = True
+        if self.cfg.block_size_mb:
+            ctx.target_max_block_size = self.cfg.block_size_mb * 1024 * 1024
+        return ctx
+
+    def __exit__(self, *exc):
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = self.saved
+        return False
+
+
+def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from data_pipelines.dedup import DedupShard, mark_duplicates
+
+    ds = ray.data.read_binary_files(
+        files.paths,
+        include_paths=True,
+        filesystem=files.filesystem,
+        shuffle=None,
+        override_num_blocks=len(files.paths),
+    )
+    ds = ds.map_batches(
+        parse_and_clean, fn_kwargs={"cfg": cfg, "display": files.display}, batch_size=1
+    )
+    # One shard parses into one large block; split it (streaming, order kept) so the tokenizer
+    # pool works on several blocks at once.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * 4)
+    if cfg.dedup.enabled:
+        # The actors need no CPU reservation: they only answer set lookups.
+        shard_cls = ray.remote(num_cpus=0)(DedupShard)
+        shards = [shard_cls.remote() for _ in range(cfg.dedup.partitions)]
+        ds = ds.map_batches(
+            mark_duplicates, fn_kwargs={"shards": shards}, batch_size=max(cfg.batch_size, 1024)
+        )
+    return ds.map_batches(
+        TokenizeBatch,
+        fn_constructor_kwargs={
+            "tokenizer_path": str(Path(tokenizer_path).resolve()),
+            "mode": cfg.mode,
+            "seq_len": cfg.seq_len,
+            "overlong": cfg.sft.overlong,
+        },
+        compute=ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.actor_cpus,
+        batch_size=cfg.batch_size,
+        udf_modifying_row_count=False,
+    )
+
+
+def _unwrap_data_error(exc: BaseException) -> DataError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DataError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bool) -> tuple:
+    from tqdm import tqdm
+
+    sft = cfg.mode == "sft"
+    writers = {
+        s: ShardWriter(output / s, cfg.rows_per_file, with_labels=sft)
+        for s in ("train", "validation")
+    }
+    if sft:
+        packers = {s: ConversationPacker(cfg.seq_len, pad_id, cfg.sft.pack) for s in writers}
+    else:
+        packers = {s: DocumentPacker(cfg.seq_len, pad_id) for s in writers}
+    tally = _Tally()
+    bar = tqdm(desc="prepare", unit="doc", disable=not progress, mininterval=1.0)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+        _consume(batch, cfg, packers, writers, tally)
+        bar.update(len(batch["reason"]))
+    bar.close()
+    for split, packer in packers.items():
+        for row in packer.flush():
+            writers[split].add(row)
+        writers[split].close()
+    return writers, tally
+
+
+def _consume(batch, cfg: DataConfig, packers, writers, tally: _Tally) -> None:
+    sft = cfg.mode == "sft"
+    for i, reason in enumerate(batch["reason"]):
+        tally.read += 1
+        if reason:
+            tally.reject(reason, batch["source"][i])
+            continue
+        tally.kept += 1
+        tally.truncated += bool(batch["truncated"][i])
+        split = "validation" if batch["validation"][i] else "train"
+        if sft:
+            rows = packers[split].add(batch["input_ids"][i], batch["labels"][i])
+        else:
+            rows = packers[split].add(batch["input_ids"][i])
+        for row in rows:
+            writers[split].add(row)
+    for kind in cfg.pii.kinds if cfg.pii.enabled else ():
+        # Only kept documents' redactions count: rejected ones never reach the output.
+        kept = np.asarray([not r for r in batch["reason"]])
+        tally.pii[kind] += int(batch[f"pii_{kind}"][kept].sum())
+
+
+def _clear_outputs(output: Path) -> None:
+    (output / MANIFEST_NAME).unlink(missing_ok=True)
+    for split in ("train", "validation"):
+        shutil.rmtree(output / split, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> PrepareResult:
+    """Run the whole data job; skips when ``cfg.output`` already holds this exact result."""
+    start = time.perf_counter()
+    files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region)
+    tok = load_tokenizer(tokenizer_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok_fp = tokenizer_fingerprint(tokenizer_path)
+    input_hashes = fingerprint_inputs(files)
+    cfg_hash = data_config_hash(cfg)
+    fingerprint = combined_fingerprint(input_hashes, tok_fp, cfg_hash)
+    output = Path(cfg.output)
+    existing = existing_complete_manifest(output, fingerprint)
+    if existing is not None:
+        log.info("data prepare: %s is complete for these inputs and config; skipping", output)
+        return PrepareResult(output, existing, skipped=True, seconds=time.perf_counter() - start)
+    _clear_outputs(output)
+    with _scoped_data_context(cfg):
+        ds = _build_dataset(cfg, files, tokenizer_path)
+        try:
+            writers, tally = _pack_and_write(ds, cfg, output, pad_id, progress)
+        except Exception as exc:
+            err = _unwrap_data_error(exc)
+            if err is None:
+                raise
+            raise DataError(str(err)) from None
+    if tally.kept == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(tally.rejected.items())) or "none"
+        raise DataError(
+            f"data.inputs: no documents left from {tally.read} records read (rejected: {reasons})"
+        )
+    manifest = build_manifest(
+        mode=cfg.mode,
+        documents_read=tally.read,
+        documents_kept=tally.kept,
+        rejected=dict(sorted(tally.rejected.items())),
+        rejected_samples=tally.samples,
+        truncated=tally.truncated,
+        pii_redacted=dict(sorted(tally.pii.items())),
+        tokens=sum(w.tokens for w in writers.values()),
+        seq_len=cfg.seq_len,
+        pad_token_id=pad_id,
+        eos_token_id=tok.eos_token_id,
+        splits={
+            s: {"rows": w.rows, "tokens": w.tokens, "files": w.files} for s, w in writers.items()
+        },
+        checksums={f"{s}/{n}": h for s, w in writers.items() for n, h in w.checksums.items()},
+        file_sizes={
+            f"{s}/{n}": (output / s / n).stat().st_size for s, w in writers.items() for n in w.files
+        },
+        tokenizer={"path": str(Path(tokenizer_path).resolve()), "fingerprint": tok_fp},
+        inputs=input_hashes,
+        config_hash=cfg_hash,
+        fingerprint=fingerprint,
+    )
+    write_manifest(output, manifest)
+    return PrepareResult(
+        output, manifest, seconds=time.perf_counter() - start, samples=tally.samples
+    )
+
+
+def summarize(result: PrepareResult) -> str:
+    """One screen: counts, rejections with sample locations, splits, where the output is."""
+    m = result.manifest
+    lines = [
+        f"data prepare: {result.output}"
+        + ("  (already complete: skipped)" if result.skipped else ""),
+        f"  documents: {m['documents_read']} read, {m['documents_kept']} kept",
+    ]
+    for reason, count in m["rejected"].items():
+        where = ", ".join(m.get("rejected_samples", {}).get(reason, []))
+        lines.append(f"  rejected {reason}: {count}" + (f"  (e.g. {where})" if where else ""))
+    if m.get("truncated"):
+        lines.append(f"  truncated conversations: {m['truncated']}")
+    for kind, count in m.get("pii_redacted", {}).items():
+        lines.append(f"  redacted {kind}: {count}")
+    lines.append(f"  tokens kept: {m['tokens']} (seq_len {m['seq_len']}, padding excluded)")
+    for split, info in m["splits"].items():
+        lines.append(
+            f"  {split}: {info['rows']} rows, {info['tokens']} tokens, {len(info['files'])} files"
+        )
+    if not result.skipped:
+        lines.append(f"  took {result.seconds:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Tokenization: plain documents (ids + EOS) and chat conversations (ids + loss labels).
+
+``encode_conversation`` computes labels from character spans: the assistant part of message i is
+the text between the rendering of messages[:i] with the generation prompt and the rendering of
+messages[:i+1]. That is the assistant content plus whatever the template closes a turn with (the
+end-of-turn token), so the model learns to stop. It works for any HF chat template whose renders
+are prefixes of each other, not only raylm's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.errors import DataError
+from data_pipelines.pack import IGNORE_INDEX
+
+__all__ = ["TokenizeBatch", "encode_conversation", "load_tokenizer", "tokenizer_fingerprint"]
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def load_tokenizer(path: str | Path):
+    """A fast HF tokenizer from a local directory (no hub access)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise DataError(f"tokenizer {path}: not a tokenizer directory (no tokenizer.json)")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _render(tok, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_conversation(tok, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels), both (n,) int32; labels are -100 outside assistant turns."""
+    text = _render(tok, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tok, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(_render(tok, messages[: i + 1], add_generation_prompt=False))
+        spans.append((start, end))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+class TokenizeBatch:
+    """Ray Data callable class: the tokenizer is loaded once per actor.
+
+    Input batch columns: ``reason`` (str, empty when usable) and ``text`` (document text, or the
+    messages as JSON in sft mode). Adds ``input_ids`` (and ``labels`` in sft mode) as int32 arrays and
+    ``n_tokens``; rejects over-long conversations as ``too_long`` (or truncates, per config).
+    """
+
+    def __init__(self, tokenizer_path: str, mode: str, seq_len: int, overlong: str = "drop"):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.tok = load_tokenizer(tokenizer_path)
+        self.mode, self.seq_len, self.overlong = mode, seq_len, overlong
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise DataError(f"tokenizer {tokenizer_path}: no eos_token; packing needs one")
+        if mode == "sft" and not self.tok.chat_template:
+            raise DataError(f"tokenizer {tokenizer_path}: no chat_template; sft mode needs one")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        reasons = batch["reason"].copy()
+        keep = [i for i, r in enumerate(reasons) if not r]
+        ids_col = np.empty(len(reasons), dtype=object)
+        labels_col = np.empty(len(reasons), dtype=object)
+        truncated = np.zeros(len(reasons), dtype=np.bool_)
+        empty = np.zeros(0, dtype=np.int32)
+        ids_col[:] = [empty] * len(reasons)
+        labels_col[:] = [empty] * len(reasons)
+        if self.mode == "pretrain":
+            texts = [batch["text"][i] for i in keep]
+            encoded = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            for i, ids in zip(keep, encoded, strict=True):
+                ids_col[i] = np.asarray([*ids, self.eos_id], dtype=np.int32)
+        else:
+            for i in keep:
+                ids, labels = encode_conversation(self.tok, json.loads(batch["text"][i]))
+                if len(ids) > self.seq_len:
+                    if self.overlong == "drop":
+                        reasons[i] = "too_long"
+                        continue
+                    ids, labels, truncated[i] = ids[: self.seq_len], labels[: self.seq_len], True
+                ids_col[i], labels_col[i] = ids, labels
+        out = {k: v for k, v in batch.items() if k != "text"}
+        out.update(reason=reasons, input_ids=ids_col, truncated=truncated)
+        out["n_tokens"] = np.asarray([len(x) for x in ids_col], dtype=np.int64)
+        if self.mode == "sft":
+            out["labels"] = labels_col
+        return out

@@ -1,0 +1,207 @@
+"""Config sections owned by the training stage: ``model``, ``train``, ``deepspeed``, ``scaling``.
+
+Each section validates only itself; checks that need several sections or the prepared dataset
+(batch divisibility, seq_len vs positions, vocab fit, fp16 without CUDA) live in
+``training.preflight`` and run on the driver before any worker starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DeepSpeedConfig",
+    "ModelConfig",
+    "MODEL_PRESETS",
+    "ScalingConfig",
+    "TrainConfig",
+    "TrainDataset",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Llama-style shapes. vocab_size comes from the tokenizer unless `model.vocab_size` is set.
+# Other counts below assume a 32k vocabulary with tied embeddings.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # ~0.4M params at a 4k vocabulary: unit and integration tests on 2 CPU cores.
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=192,
+                 max_position_embeddings=512),  # fmt: skip
+    # ~11M: CPU smoke runs and the quickstart.
+    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=704,
+                  max_position_embeddings=1024),  # fmt: skip
+    "125m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                 intermediate_size=2048, max_position_embeddings=2048),  # fmt: skip
+    "350m": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                 intermediate_size=2816, max_position_embeddings=2048),  # fmt: skip
+    # Llama-3.2-1B shape (GQA 32/8).
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+               intermediate_size=8192, max_position_embeddings=4096),  # fmt: skip
+}
+
+
+class ModelConfig(_Section):
+    """The decoder-only model: a named preset, explicit overrides, or a local HF dir."""
+
+    preset: Literal["tiny", "small", "125m", "350m", "1b"] = Field(
+        "tiny", description="Named Llama-style shape; the keys below override single dimensions."
+    )
+    hidden_size: int | None = Field(None, ge=8, description="Model width (overrides the preset).")
+    num_layers: int | None = Field(None, ge=1, description="Decoder layers (overrides the preset).")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads (overrides the preset).")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; unset: the preset's."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP inner width (overrides the preset)."
+    )
+    max_position_embeddings: int | None = Field(
+        None, ge=8, description="Longest sequence the model supports (overrides the preset)."
+    )
+    vocab_size: int | None = Field(
+        None, ge=8, description="Vocabulary size; unset: the dataset tokenizer's length."
+    )
+    tie_word_embeddings: bool = Field(True, description="Share input and output embeddings.")
+    rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel; both take the 4D per-document mask."
+    )
+    init_from: str = Field(
+        "",
+        description="Local HF model dir (safetensors) for continued pretraining; "
+        "its config.json wins over the shape keys above.",
+    )
+
+    def shape(self) -> dict[str, int]:
+        """The preset with explicit overrides applied (vocab_size excluded)."""
+        out = dict(MODEL_PRESETS[self.preset])
+        for key in out:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        s = self.shape()
+        if s["hidden_size"] % s["num_heads"]:
+            raise ValueError(
+                f"hidden_size ({s['hidden_size']}) must be divisible by num_heads ({s['num_heads']})"
+            )
+        if s["num_heads"] % s["num_kv_heads"]:
+            raise ValueError(
+                f"num_heads ({s['num_heads']}) must be divisible by num_kv_heads ({s['num_kv_heads']})"
+            )
+        return self
+
+
+class TrainDataset(_Section):
+    path: str = Field(..., description="Output dir of `raylm data prepare` (has manifest.json).")
+    weight: float = Field(1.0, gt=0, description="Relative share of this dataset in each epoch.")
+
+
+class TrainConfig(_Section):
+    """``raylm train``: what to train on, for how long, and how often to log/eval/checkpoint."""
+
+    task: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="pretrain: loss on every next token; sft: only where labels != -100."
+    )
+    datasets: list[TrainDataset] = Field(
+        default_factory=list,
+        description="Prepared dataset dirs with mixing weights; a plain string is {path, weight: 1}.",
+    )
+    global_batch_tokens: int = Field(
+        16_384, ge=1, description="Tokens per optimizer step over all ranks (a multiple of seq_len)."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward/backward.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to run; unset: `epochs` full passes."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the mixed data when max_steps is unset.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (after warmup).")
+    min_lr: float = Field(3e-5, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
+    eval_every: int = Field(0, ge=0, description="Steps between held-out evals; 0: only at the end.")
+    eval_batches: int = Field(
+        8, ge=1, description="Validation micro-batches per rank per eval (same count on every rank)."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and at the end).")
+    keep_checkpoints: int = Field(2, ge=2, description="Newest checkpoints kept (at least 2).")
+    storage_path: str = Field(
+        "runs/train", description="Parent of the run dir `storage_path/name` (every node must reach it)."
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="On a non-finite loss or gradient: stop the run, or skip the update."
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s of one accelerator for MFU; unset: MFU not reported."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute layer activations in backward to save memory."
+    )
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _strings_are_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
+        return self
+
+
+class DeepSpeedConfig(_Section):
+    """ZeRO, offload and precision; turned into a DeepSpeed dict by ``training.ds_config``."""
+
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0 (DDP-like) to 3 (params sharded).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO 3 only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision; fp16 needs CUDA (use bf16 or fp32 on CPU)."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed keys merged last (deep merge) into the dict."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        return self
+
+
+class ScalingConfig(_Section):
+    """How many Ray Train workers, on what, and how failures are handled."""
+
+    num_workers: int = Field(1, ge=1, description="Data-parallel ranks (one Ray actor each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false: CPU and gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement group strategy for the workers."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: unlimited)."
+    )
+    collective_timeout_s: int = Field(
+        1800, ge=1, description="A collective hung this long fails the run (TorchConfig timeout_s)."
+    )
