@@ -147,8 +147,15 @@ class _scoped_data_context:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
-        self.saved = (ctx.execution_options.preserve_order, ctx.target_max_block_size)
-        ctx.execution_options.preserve_order = True
+        opts = ctx.execution_options
+        self.saved = (
+            opts.preserve_order,
+            ctx.target_max_block_size,
+            ctx.raise_original_map_exception,
+        )
+        opts.preserve_order = True
+        # Let a DataError (strict mode, bad shard) reach the driver as itself, not as a wrapper.
+        ctx.raise_original_map_exception = True
         if self.cfg.block_size_mb:
             ctx.target_max_block_size = self.cfg.block_size_mb * 1024 * 1024
         return ctx
@@ -157,7 +164,11 @@ class _scoped_data_context:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
-        ctx.execution_options.preserve_order, ctx.target_max_block_size = self.saved
+        (
+            ctx.execution_options.preserve_order,
+            ctx.target_max_block_size,
+            ctx.raise_original_map_exception,
+        ) = self.saved
         return False
 
 
@@ -202,14 +213,18 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str):
     )
 
 
-def _unwrap_data_error(exc: BaseException) -> DataError | None:
+def _unwrap_data_error(exc: BaseException | None) -> DataError | None:
+    """The DataError a Ray task raised, without Ray's traceback wrapping, if that is the cause."""
     seen = set()
+    found = None
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, DataError):
-            return exc
+            found = exc  # keep walking: Ray's wrapper is a DataError too, its cause is cleaner
         exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+    if found is None:
+        return None
+    return DataError(*found.args[:1]) if type(found) is DataError else DataError(str(found.args[0]))
 
 
 def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bool) -> tuple:

@@ -32,3 +32,64 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory):
+    """A small deterministic corpus: pretrain/, sft/train/, sft/heldout/."""
+    from data_pipelines.synth import write_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(out), docs=600, seed=0, shards=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(ray_local, synth_corpus, tmp_path_factory):
+    """A byte-level BPE tokenizer trained once through Ray Data on the synthetic corpus."""
+    from data_pipelines.config import DataConfig, TokenizerConfig
+    from data_pipelines.tokenizer_train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tcfg = TokenizerConfig(
+        inputs=[str(synth_corpus / "pretrain"), str(synth_corpus / "sft" / "train")],
+        output=str(out),
+        vocab_size=1024,
+    )
+    return train_tokenizer(tcfg, DataConfig(), progress=False)
+
+
+def prepare_data(tokenizer_dir, **overrides):
+    """Run `data prepare` in-process on the session's Ray instance."""
+    from data_pipelines.config import DataConfig
+    from data_pipelines.prepare import prepare
+
+    cfg = DataConfig(tokenizer=str(tokenizer_dir), **overrides)
+    return prepare(cfg, str(tokenizer_dir), progress=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_pretrain(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared_pretrain")
+    return prepare_data(
+        tokenizer_dir,
+        inputs=[str(synth_corpus / "pretrain")],
+        output=str(out),
+        seq_len=128,
+        validation_fraction=0.1,
+        rows_per_file=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def prepared_sft(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared_sft")
+    return prepare_data(
+        tokenizer_dir,
+        inputs=[str(synth_corpus / "sft" / "train")],
+        output=str(out),
+        mode="sft",
+        seq_len=128,
+        validation_fraction=0.1,
+        sft={"pack": True},
+    )

@@ -1,0 +1,238 @@
+"""`data prepare` on a real local Ray instance: contracts, rejections, determinism, re-runs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipelines.clean import content_hash, is_validation, normalize_text
+from data_pipelines.errors import DataError
+from data_pipelines.pack import IGNORE_INDEX
+from data_pipelines.tokenize import load_tokenizer
+from tests.conftest import prepare_data
+
+REQUIRED = (
+    "documents_read",
+    "documents_kept",
+    "rejected",
+    "tokens",
+    "seq_len",
+    "splits",
+    "tokenizer",
+    "config_hash",
+)
+
+
+def read_split(out: Path, manifest: dict, split: str) -> pa.Table:
+    files = manifest["splits"][split]["files"]
+    return pa.concat_tables([pq.read_table(out / split / f) for f in files])
+
+
+def corpus_texts(directory: Path) -> list[str]:
+    texts = []
+    for f in sorted(directory.glob("*.jsonl")):
+        texts += [json.loads(line)["text"] for line in f.read_text().splitlines() if line]
+    return texts
+
+
+def test_pretrain_output_contract(prepared_pretrain, synth_corpus, tokenizer_dir):
+    out, m = prepared_pretrain.output, prepared_pretrain.manifest
+    assert all(k in m for k in REQUIRED)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = {}
+    for text in corpus_texts(synth_corpus / "pretrain"):
+        norm = normalize_text(text)
+        expected[norm] = "validation" if is_validation(content_hash(norm), 0.1) else "train"
+    total_real = 0
+    for split in ("train", "validation"):
+        table = read_split(out, m, split)
+        assert table.column("row_id").to_pylist() == list(range(table.num_rows))
+        assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+        ids = np.array(table.column("input_ids").to_pylist())
+        pos = np.array(table.column("position_ids").to_pylist())
+        assert ids.shape == (m["splits"][split]["rows"], m["seq_len"])
+        # positions count up by one inside a document and restart right after each EOS
+        after_eos = np.zeros_like(ids, dtype=bool)
+        after_eos[:, 1:] = ids[:, :-1] == tok.eos_token_id
+        assert (pos[after_eos] == 0).all()
+        cont = ~after_eos[:, 1:] & (pos[:, 1:] != 0)
+        assert (pos[:, 1:][cont] == pos[:, :-1][cont] + 1).all()
+        real = ids[ids != tok.pad_token_id]
+        assert len(real) == m["splits"][split]["tokens"]
+        total_real += len(real)
+        # every kept document comes back exactly once, in its split, byte for byte
+        docs = np.split(real, np.flatnonzero(real == tok.eos_token_id) + 1)[:-1]
+        decoded = [tok.decode(d[:-1]) for d in docs]
+        assert len(decoded) == len(set(decoded))
+        assert set(decoded) == {t for t, s in expected.items() if s == split}
+    assert total_real == m["tokens"]
+    assert m["documents_kept"] == len(expected)
+    assert m["documents_read"] == m["documents_kept"] + sum(m["rejected"].values())
+
+
+def test_sft_labels_cover_assistant_answers_only(prepared_sft, synth_corpus, tokenizer_dir):
+    out, m = prepared_sft.output, prepared_sft.manifest
+    tok = load_tokenizer(tokenizer_dir)
+    end_id = tok.convert_tokens_to_ids("<|end|>")
+    answers = set()
+    for f in (synth_corpus / "sft" / "train").glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            msgs = json.loads(line)["messages"]
+            answers |= {normalize_text(x["content"]) for x in msgs if x["role"] == "assistant"}
+    table = read_split(out, m, "train")
+    ids = np.array(table.column("input_ids").to_pylist())
+    labels = np.array(table.column("labels").to_pylist())
+    pos = np.array(table.column("position_ids").to_pylist())
+    carries = labels != IGNORE_INDEX
+    assert (labels[carries] == ids[carries]).all()
+    assert ((pos == 0).sum(axis=1) > 2).any(), "pack=True should put several conversations in a row"
+    spans = 0
+    for row_ids, row_mask in zip(ids, carries, strict=True):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row_mask.astype(int), [0]])))
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            assert row_ids[b - 1] == end_id, "each answer ends with the end-of-turn token"
+            assert tok.decode(row_ids[a : b - 1]) in answers
+            spans += 1
+    assert spans > 0
+
+
+def _write_messy(d: Path) -> None:
+    d.mkdir()
+    good = [f"Document number {i} talks about the quiet town of Brookfield." for i in range(6)]
+    lines = [
+        json.dumps({"text": good[0], "id": 1}),
+        "{not json",
+        json.dumps({"body": "no text field here"}),
+        json.dumps({"text": good[1], "lang": "en", "meta": {"x": [1, 2]}}),
+        json.dumps({"text": "tiny"}),
+        json.dumps({"text": "long " * 100}),
+        json.dumps(
+            {"text": "Write to ana@example.com or call +1 415 555 0132 for Brookfield news."}
+        ),
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n'
+    (d / "a.jsonl").write_bytes(raw)
+    gz = "\n".join(json.dumps({"text": t}) for t in (good[2], good[0]))
+    (d / "b.jsonl.gz").write_bytes(gzip.compress(gz.encode()))
+    pq.write_table(pa.table({"text": [good[3], None, good[4]], "n": [1, 2, 3]}), d / "c.parquet")
+    (d / "d.txt").write_text(good[5] + "\n")
+    (d / "e.jsonl").write_text("")
+
+
+def test_every_rejection_reason_is_counted_with_its_location(ray_local, tokenizer_dir, tmp_path):
+    _write_messy(tmp_path / "in")
+    result = prepare_data(
+        tokenizer_dir,
+        inputs=[str(tmp_path / "in")],
+        output=str(tmp_path / "out"),
+        seq_len=32,
+        min_chars=10,
+        max_chars=300,
+        validation_fraction=0.0,
+        pii={"enabled": True},
+    )
+    m = result.manifest
+    assert m["rejected"] == {
+        "duplicate": 1,
+        "empty_file": 1,
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_text": 2,
+        "too_long": 1,
+        "too_short": 1,
+    }
+    assert m["documents_kept"] == 7 and m["documents_read"] == 15
+    assert m["pii_redacted"] == {"card": 0, "email": 1, "ip": 0, "phone": 1}
+    samples = m["rejected_samples"]
+    assert samples["malformed_json"] == [f"{tmp_path}/in/a.jsonl:2"]
+    assert samples["invalid_utf8"] == [f"{tmp_path}/in/a.jsonl:8"]
+    assert sorted(samples["missing_text"]) == [
+        f"{tmp_path}/in/a.jsonl:3",
+        f"{tmp_path}/in/c.parquet:2",
+    ]
+    assert samples["duplicate"][0].endswith(("b.jsonl.gz:2", "a.jsonl:1"))
+    tok = load_tokenizer(tokenizer_dir)
+    ids = read_split(result.output, m, "train").column("input_ids").to_pylist()
+    text = tok.decode([t for row in ids for t in row if t != tok.pad_token_id])
+    assert "<EMAIL>" in text and "ana@example.com" not in text and "<PHONE>" in text
+    assert m["splits"]["validation"] == {"rows": 0, "tokens": 0, "files": []}
+
+
+def test_strict_mode_stops_at_the_bad_line(ray_local, tokenizer_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jsonl").write_text('{"text": "a fine document"}\n{oops\n')
+    with pytest.raises(DataError, match=r"in/x.jsonl:2: malformed_json \(data.strict is on\)"):
+        prepare_data(
+            tokenizer_dir, inputs=[str(tmp_path / "in")], output=str(tmp_path / "o"), strict=True
+        )
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_missing_input_and_empty_result_are_clear_errors(ray_local, tokenizer_dir, tmp_path):
+    with pytest.raises(DataError, match=r"data.inputs\[0\]: .*nowhere: no such file"):
+        prepare_data(tokenizer_dir, inputs=[str(tmp_path / "nowhere")], output=str(tmp_path / "o"))
+    (tmp_path / "bad.jsonl").write_text("{x\n{y\n")
+    with pytest.raises(DataError, match="no documents left from 2 records read.*malformed_json=2"):
+        prepare_data(
+            tokenizer_dir, inputs=[str(tmp_path / "bad.jsonl")], output=str(tmp_path / "o")
+        )
+
+
+def test_output_is_identical_across_actors_blocks_and_shard_order(
+    prepared_pretrain, synth_corpus, tokenizer_dir, tmp_path
+):
+    shards = sorted(str(p) for p in (synth_corpus / "pretrain").glob("*.jsonl"))
+    again = prepare_data(
+        tokenizer_dir,
+        inputs=shards[::-1],
+        output=str(tmp_path / "again"),
+        seq_len=128,
+        validation_fraction=0.1,
+        rows_per_file=64,
+        num_actors=1,
+        batch_size=7,
+        block_size_mb=1,
+        dedup={"partitions": 3},
+    )
+    assert not again.skipped
+    assert again.manifest["checksums"] == prepared_pretrain.manifest["checksums"]
+    assert len(again.manifest["checksums"]) > 2
+    assert again.manifest["fingerprint"] == prepared_pretrain.manifest["fingerprint"]
+
+
+def test_rerun_skips_only_a_complete_identical_output(
+    prepared_pretrain, synth_corpus, tokenizer_dir, tmp_path
+):
+    kwargs = dict(
+        inputs=[str(synth_corpus / "pretrain")],
+        seq_len=128,
+        validation_fraction=0.1,
+        rows_per_file=64,
+    )
+    same = prepare_data(tokenizer_dir, output=str(prepared_pretrain.output), **kwargs)
+    assert same.skipped and same.manifest == prepared_pretrain.manifest
+    # a partial output (one shard gone) is rebuilt, to the same bytes
+    copy = tmp_path / "partial"
+    shutil.copytree(prepared_pretrain.output, copy)
+    (copy / "train" / "part-00001.parquet").unlink()
+    rebuilt = prepare_data(tokenizer_dir, output=str(copy), **kwargs)
+    assert not rebuilt.skipped
+    assert rebuilt.manifest["checksums"] == prepared_pretrain.manifest["checksums"]
+    # one changed input byte invalidates the output
+    inputs = tmp_path / "inputs"
+    shutil.copytree(synth_corpus / "pretrain", inputs)
+    shard = sorted(inputs.glob("*.jsonl"))[0]
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"a")] = ord("e")
+    shard.write_bytes(bytes(data))
+    kwargs["inputs"] = [str(inputs)]
+    changed = prepare_data(tokenizer_dir, output=str(copy), **kwargs)
+    assert not changed.skipped
+    assert changed.manifest["fingerprint"] != prepared_pretrain.manifest["fingerprint"]
