@@ -49,7 +49,11 @@ def tokenizer_path(cfg: RaylmConfig) -> str:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from data_pipelines.synth import write_corpus
 
-    summary = write_corpus(args.out, docs=args.docs, seed=args.seed, shards=args.shards)
+    try:
+        summary = write_corpus(args.out, docs=args.docs, seed=args.seed, shards=args.shards)
+    except ValueError as exc:
+        print(f"raylm synth: {exc}", file=sys.stderr)
+        return 2
     print(summary.describe())
     return 0
 
@@ -75,6 +79,24 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         result = prepare(cfg.data, tokenizer_path(cfg))
     write_resolved(cfg, result.output)
     print(summarize(result))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.config import write_resolved
+    from cluster.ray_env import ray_session
+    from training.errors import TrainConfigError
+    from training.launcher import plan_job, run_dir, train
+
+    try:
+        job = plan_job(cfg)  # every config check runs here, before Ray starts any worker
+    except TrainConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    write_resolved(cfg, run_dir(cfg))
+    with ray_session(cfg.ray):
+        result = train(cfg, job)
+    print(f"raylm train: run dir {run_dir(cfg)}; latest checkpoint {result.checkpoint}")
     return 0
 
 
@@ -125,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(d)
     d.set_defaults(func=_cmd_data_prepare)
 
-    for name in ("train", "eval", "serve"):
+    p = sub.add_parser("train", help=PLANNED["train"] + "; resumes a run of the same name")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    for name in ("eval", "serve"):
         p = sub.add_parser(name, help=f"{PLANNED[name]} (not built yet)")
         _add_config_args(p)
         p.set_defaults(func=_planned(name))

@@ -74,6 +74,14 @@ def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileS
         kwargs.update(endpoint_override=host or endpoint_url, scheme=scheme if host else "https")
     if region:
         kwargs["region"] = region
+    # Credentials from the submitting environment travel with the filesystem object to the Ray
+    # workers (whose environment may lack them); without them, workers use their own chain
+    # (instance role, ~/.aws) as usual.
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs)
 
 
