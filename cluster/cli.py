@@ -73,10 +73,12 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from cluster.ray_env import ray_session
-    from data_pipelines.prepare import prepare, summarize
+    from data_pipelines.prepare import find_complete, prepare, summarize
 
-    with ray_session(cfg.ray):
-        result = prepare(cfg.data, tokenizer_path(cfg))
+    result = find_complete(cfg.data, tokenizer_path(cfg))
+    if result is None:
+        with ray_session(cfg.ray):
+            result = prepare(cfg.data, tokenizer_path(cfg))
     write_resolved(cfg, result.output)
     print(summarize(result))
     return 0

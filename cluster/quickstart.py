@@ -31,6 +31,18 @@ def quickstart_configs(workdir: str, overrides: list[str]) -> tuple[RaylmConfig,
     return load("quickstart.yaml"), load("quickstart_sft.yaml")
 
 
+def _quiet_ray_data() -> None:
+    """The quickstart prints one line per stage; Ray Data's own bars and INFO lines would bury them."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def _stage(n: int, total: int, name: str, detail: str, seconds: float) -> None:
     print(f"[{n}/{total}] {name:<18} {detail}  ({seconds:.1f}s)", flush=True)
 
@@ -88,6 +100,7 @@ def run_quickstart(
     t = time.perf_counter()
     _stage(1, total, "synth", _synth(corpus, docs, pre_cfg.seed), time.perf_counter() - t)
     with ray_session(pre_cfg.ray):
+        _quiet_ray_data()
         t = time.perf_counter()
         _stage(2, total, "tokenizer train", _tokenizer(pre_cfg), time.perf_counter() - t)
         t = time.perf_counter()

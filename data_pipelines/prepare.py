@@ -42,7 +42,7 @@ from data_pipelines.readers import STRICT_REASONS, InputFiles, expand_inputs, pa
 from data_pipelines.tokenize import TokenizeBatch, load_tokenizer, tokenizer_fingerprint
 from data_pipelines.writer import ShardWriter
 
-__all__ = ["PrepareResult", "parse_and_clean", "prepare", "summarize"]
+__all__ = ["PrepareResult", "find_complete", "parse_and_clean", "prepare", "summarize"]
 
 log = logging.getLogger("raylm.data")
 SAMPLES_PER_REASON = 3
@@ -281,16 +281,36 @@ def _clear_outputs(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> PrepareResult:
-    """Run the whole data job; skips when ``cfg.output`` already holds this exact result."""
-    start = time.perf_counter()
+def _plan(cfg: DataConfig, tokenizer_path: str):
     files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region)
-    tok = load_tokenizer(tokenizer_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tok_fp = tokenizer_fingerprint(tokenizer_path)
     input_hashes = fingerprint_inputs(files)
     cfg_hash = data_config_hash(cfg)
     fingerprint = combined_fingerprint(input_hashes, tok_fp, cfg_hash)
+    return files, tok_fp, input_hashes, cfg_hash, fingerprint
+
+
+def find_complete(cfg: DataConfig, tokenizer_path: str) -> PrepareResult | None:
+    """The finished output for exactly these inputs, tokenizer and config, if there is one.
+
+    Needs no Ray: the CLI calls it first so a re-run returns at once.
+    """
+    start = time.perf_counter()
+    fingerprint = _plan(cfg, tokenizer_path)[-1]
+    existing = existing_complete_manifest(Path(cfg.output), fingerprint)
+    if existing is None:
+        return None
+    return PrepareResult(
+        Path(cfg.output), existing, skipped=True, seconds=time.perf_counter() - start
+    )
+
+
+def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> PrepareResult:
+    """Run the whole data job; skips when ``cfg.output`` already holds this exact result."""
+    start = time.perf_counter()
+    tok = load_tokenizer(tokenizer_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    files, tok_fp, input_hashes, cfg_hash, fingerprint = _plan(cfg, tokenizer_path)
     output = Path(cfg.output)
     existing = existing_complete_manifest(output, fingerprint)
     if existing is not None:
