@@ -39,7 +39,12 @@ from data_pipelines.manifest import (
 )
 from data_pipelines.pack import ConversationPacker, DocumentPacker
 from data_pipelines.readers import STRICT_REASONS, InputFiles, expand_inputs, parse_file
-from data_pipelines.tokenize import TokenizeBatch, load_tokenizer, tokenizer_fingerprint
+from data_pipelines.tokenize import (
+    TokenizeBatch,
+    check_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from data_pipelines.writer import ShardWriter
 
 __all__ = ["PrepareResult", "find_complete", "parse_and_clean", "prepare", "summarize"]
@@ -309,6 +314,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
     """Run the whole data job; skips when ``cfg.output`` already holds this exact result."""
     start = time.perf_counter()
     tok = load_tokenizer(tokenizer_path)
+    check_tokenizer(tok, cfg.mode, tokenizer_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     files, tok_fp, input_hashes, cfg_hash, fingerprint = _plan(cfg, tokenizer_path)
     output = Path(cfg.output)

@@ -19,7 +19,13 @@ import numpy as np
 from data_pipelines.errors import DataError
 from data_pipelines.pack import IGNORE_INDEX
 
-__all__ = ["TokenizeBatch", "encode_conversation", "load_tokenizer", "tokenizer_fingerprint"]
+__all__ = [
+    "TokenizeBatch",
+    "check_tokenizer",
+    "encode_conversation",
+    "load_tokenizer",
+    "tokenizer_fingerprint",
+]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -39,6 +45,14 @@ def load_tokenizer(path: str | Path):
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise DataError(f"tokenizer {path}: not a tokenizer directory (no tokenizer.json)")
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def check_tokenizer(tok, mode: str, path: str | Path) -> None:
+    """What packing and SFT labels need from a tokenizer; raised in the driver before Ray work."""
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {path}: no eos_token; packing needs one")
+    if mode == "sft" and not tok.chat_template:
+        raise DataError(f"tokenizer {path}: no chat_template; sft mode needs one")
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
@@ -90,11 +104,8 @@ class TokenizeBatch:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tok = load_tokenizer(tokenizer_path)
         self.mode, self.seq_len, self.overlong = mode, seq_len, overlong
+        check_tokenizer(self.tok, mode, tokenizer_path)
         self.eos_id = self.tok.eos_token_id
-        if self.eos_id is None:
-            raise DataError(f"tokenizer {tokenizer_path}: no eos_token; packing needs one")
-        if mode == "sft" and not self.tok.chat_template:
-            raise DataError(f"tokenizer {tokenizer_path}: no chat_template; sft mode needs one")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons = batch["reason"].copy()

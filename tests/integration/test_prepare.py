@@ -236,3 +236,69 @@ def test_rerun_skips_only_a_complete_identical_output(
     changed = prepare_data(tokenizer_dir, output=str(copy), **kwargs)
     assert not changed.skipped
     assert changed.manifest["fingerprint"] != prepared_pretrain.manifest["fingerprint"]
+
+
+def _conversations(path: Path, n: int) -> None:
+    rows = []
+    for i in range(n):
+        long_q = " ".join(f"word{j}" for j in range(5 + 7 * (i % 4)))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}: {long_q}?"},
+                    {"role": "assistant", "content": f"Answer {i}."},
+                ]
+            }
+        )
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_overlong_conversations_are_dropped_or_truncated_and_counted(
+    ray_local, tokenizer_dir, tmp_path
+):
+    _conversations(tmp_path / "chat.jsonl", 24)
+    common = dict(
+        inputs=[str(tmp_path / "chat.jsonl")], mode="sft", seq_len=48, validation_fraction=0.0
+    )
+    dropped = prepare_data(tokenizer_dir, output=str(tmp_path / "drop"), **common).manifest
+    cut = prepare_data(
+        tokenizer_dir, output=str(tmp_path / "cut"), sft={"overlong": "truncate"}, **common
+    ).manifest
+    assert dropped["rejected"].get("too_long", 0) > 0
+    assert cut["truncated"] == dropped["rejected"]["too_long"]
+    assert (
+        cut["documents_kept"]
+        == 24
+        == dropped["documents_kept"] + dropped["truncated"] + dropped["rejected"]["too_long"]
+    )
+    rows = read_split(tmp_path / "cut", cut, "train")
+    assert {len(r) for r in rows.column("input_ids").to_pylist()} == {48}
+    assert rows.num_rows == 24  # pack=False: one conversation per row
+
+
+def test_any_local_hf_tokenizer_dir_works(ray_local, synth_corpus, tmp_path):
+    """A tokenizer that raylm did not train: no pad token (EOS pads) and no chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in corpus_texts(synth_corpus / "pretrain")[:50] for w in t.split()})
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    foreign = tmp_path / "foreign-tok"
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="</s>", unk_token="[UNK]"
+    ).save_pretrained(foreign)
+    shard = sorted((synth_corpus / "pretrain").glob("*.jsonl"))[0]
+    result = prepare_data(foreign, inputs=[str(shard)], output=str(tmp_path / "o"), seq_len=64)
+    m = result.manifest
+    assert m["pad_token_id"] == m["eos_token_id"] == 1
+    assert m["tokenizer"]["path"] == str(foreign.resolve())
+    assert m["splits"]["train"]["rows"] > 0
+    with pytest.raises(DataError, match="no chat_template; sft mode needs one"):
+        prepare_data(
+            foreign,
+            inputs=[str(synth_corpus / "sft" / "train")],
+            output=str(tmp_path / "s"),
+            mode="sft",
+        )
