@@ -74,12 +74,15 @@ def single_process(cfg: DataConfig, tokenizer: Path, out: Path) -> tuple[float, 
     """The pipeline's own transforms, called in order in this process."""
     start = time.perf_counter()
     files = expand_inputs(cfg.inputs)
-    tokenize = TokenizeBatch(str(tokenizer), cfg.mode, cfg.seq_len)
+    from data_pipelines.tokenize import load_tokenizer
+
+    eos = load_tokenizer(tokenizer).eos_token_id
+    tokenize = TokenizeBatch(str(tokenizer), cfg.mode, cfg.seq_len, eos_id=eos)
     shards = [DedupShard() for _ in range(cfg.dedup.partitions)]
     writers = {s: ShardWriter(out / s, cfg.rows_per_file, False) for s in ("train", "validation")}
     from data_pipelines.pack import DocumentPacker
 
-    pad = tokenize.tok.pad_token_id
+    pad = load_tokenizer(tokenizer).pad_token_id
     packers = {s: DocumentPacker(cfg.seq_len, pad) for s in writers}
     tally = _Tally()
     for path in files.paths:

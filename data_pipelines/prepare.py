@@ -177,7 +177,7 @@ class _scoped_data_context:
         return False
 
 
-def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str):
+def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -210,6 +210,7 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str):
             "mode": cfg.mode,
             "seq_len": cfg.seq_len,
             "overlong": cfg.sft.overlong,
+            "eos_id": eos_id,
         },
         compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.actor_cpus,
@@ -324,7 +325,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
         return PrepareResult(output, existing, skipped=True, seconds=time.perf_counter() - start)
     _clear_outputs(output)
     with _scoped_data_context(cfg):
-        ds = _build_dataset(cfg, files, tokenizer_path)
+        ds = _build_dataset(cfg, files, tokenizer_path, tok.eos_token_id)
         try:
             writers, tally = _pack_and_write(ds, cfg, output, pad_id, progress)
         except Exception as exc:

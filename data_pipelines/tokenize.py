@@ -100,12 +100,34 @@ class TokenizeBatch:
     ``n_tokens``; rejects over-long conversations as ``too_long`` (or truncates, per config).
     """
 
-    def __init__(self, tokenizer_path: str, mode: str, seq_len: int, overlong: str = "drop"):
+    def __init__(
+        self,
+        tokenizer_path: str,
+        mode: str,
+        seq_len: int,
+        overlong: str = "drop",
+        eos_id: int | None = None,
+    ):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.tok = load_tokenizer(tokenizer_path)
         self.mode, self.seq_len, self.overlong = mode, seq_len, overlong
+        raw = Path(tokenizer_path) / "tokenizer.json"
+        if mode == "pretrain" and eos_id is not None and raw.is_file():
+            # Plain documents need only the Rust tokenizer: skipping transformers (and the torch it
+            # imports) keeps each actor ~200 MB smaller. Same encode_batch, same ids.
+            from tokenizers import Tokenizer
+
+            self.raw, self.tok, self.eos_id = Tokenizer.from_file(str(raw)), None, eos_id
+            return
+        self.raw, self.tok = None, load_tokenizer(tokenizer_path)
         check_tokenizer(self.tok, mode, tokenizer_path)
         self.eos_id = self.tok.eos_token_id
+
+    def _encode_documents(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.raw is not None:
+            return [e.ids for e in self.raw.encode_batch(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons = batch["reason"].copy()
@@ -118,7 +140,7 @@ class TokenizeBatch:
         labels_col[:] = [empty] * len(reasons)
         if self.mode == "pretrain":
             texts = [batch["text"][i] for i in keep]
-            encoded = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            encoded = self._encode_documents(texts)
             for i, ids in zip(keep, encoded, strict=True):
                 ids_col[i] = np.asarray([*ids, self.eos_id], dtype=np.int32)
         else:
