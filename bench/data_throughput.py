@@ -47,10 +47,8 @@ def make_corpus(docs: int, tag: str) -> Path:
     from data_pipelines.synth import write_corpus
 
     corpus = OUT / f"corpus-{tag}"
-    if (
-        not (corpus / "synth.json").is_file()
-        or json.loads((corpus / "synth.json").read_text())["docs"] != docs
-    ):
+    meta = corpus / "synth.json"
+    if not meta.is_file() or json.loads(meta.read_text())["args"]["docs"] != docs:
         write_corpus(str(corpus), docs=docs, seed=0, shards=8)
     return corpus / "pretrain"
 
@@ -160,7 +158,7 @@ def data_cfg(inputs: Path, output: Path, actors: int) -> DataConfig:
         seq_len=512,
         validation_fraction=0.01,
         num_actors=actors,
-        actor_cpus=0.5,
+        actor_cpus=1.0,
         batch_size=512,
         rows_per_file=4096,
     )

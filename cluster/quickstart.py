@@ -52,8 +52,8 @@ def _synth(corpus: Path, docs: int, seed: int) -> str:
 
     marker = corpus / "synth.json"
     if marker.is_file():
-        meta = json.loads(marker.read_text())
-        if meta.get("docs") == docs and meta.get("seed") == seed:
+        args = json.loads(marker.read_text()).get("args", {})
+        if args.get("docs") == docs and args.get("seed") == seed:
             return f"{corpus} (reused)"
     write_corpus(str(corpus), docs=docs, seed=seed)
     return str(corpus)

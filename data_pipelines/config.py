@@ -106,13 +106,16 @@ class DataConfig(_Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     s3: S3Config = Field(default_factory=S3Config)
     rows_per_file: int = Field(2048, ge=1, description="Rows per output parquet file.")
-    num_actors: int = Field(2, ge=1, description="Tokenizer actor pool size.")
-    actor_cpus: float = Field(
-        0.5,
-        gt=0,
-        description="Logical CPUs per tokenizer actor (fractional leaves room for reads).",
+    num_actors: int = Field(
+        2, ge=1, description="Actors that parse, clean, dedup and tokenize shards (one shard each)."
     )
-    batch_size: int = Field(256, ge=1, description="Documents per tokenize batch.")
+    actor_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="Logical CPUs per processing actor; keep the pool below the CPUs Ray has, "
+        "or read tasks starve.",
+    )
+    batch_size: int = Field(512, ge=1, description="Documents per tokenize call and output chunk.")
     block_size_mb: int | None = Field(
         None, ge=1, description="Ray Data target block size; unset: Ray's default."
     )

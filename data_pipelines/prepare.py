@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,12 +178,44 @@ class _scoped_data_context:
         return False
 
 
+class ProcessShards:
+    """Actor-pool UDF: shards in, their cleaned, deduplicated, tokenized records out.
+
+    One actor runs parse -> clean -> dedup -> tokenize on a whole shard, so only the shard's bytes go
+    in and compact token arrays come out: measured on 2 cores, passing the cleaned text between
+    separate task and actor stages cost more than the tokenization it parallelised. The tokenizer
+    is loaded once per actor; records leave in chunks of ``batch_size`` so output streams.
+    """
+
+    def __init__(self, cfg: DataConfig, display: dict, tokenizer_path: str, eos_id: int, shards):
+        self.cfg, self.display, self.shards = cfg, display, shards
+        self.tokenize = TokenizeBatch(
+            tokenizer_path, cfg.mode, cfg.seq_len, cfg.sft.overlong, eos_id=eos_id
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        from data_pipelines.dedup import mark_duplicates
+
+        parsed = parse_and_clean(batch, self.cfg, self.display)
+        step = self.cfg.batch_size
+        for lo in range(0, len(parsed["reason"]), step):
+            chunk = {k: v[lo : lo + step] for k, v in parsed.items()}
+            if self.shards:
+                chunk = mark_duplicates(chunk, self.shards)
+            yield self.tokenize(chunk)
+
+
 def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from data_pipelines.dedup import DedupShard, mark_duplicates
+    from data_pipelines.dedup import DedupShard
 
+    shards = []
+    if cfg.dedup.enabled:
+        # The dedup actors need no CPU reservation: they only answer set lookups.
+        shard_cls = ray.remote(num_cpus=0)(DedupShard)
+        shards = [shard_cls.remote() for _ in range(cfg.dedup.partitions)]
     ds = ray.data.read_binary_files(
         files.paths,
         include_paths=True,
@@ -190,32 +223,18 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_
         shuffle=None,
         override_num_blocks=len(files.paths),
     )
-    ds = ds.map_batches(
-        parse_and_clean, fn_kwargs={"cfg": cfg, "display": files.display}, batch_size=1
-    )
-    # One shard parses into one large block; split it (streaming, order kept) so the tokenizer
-    # pool works on several blocks at once.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * 4)
-    if cfg.dedup.enabled:
-        # The actors need no CPU reservation: they only answer set lookups.
-        shard_cls = ray.remote(num_cpus=0)(DedupShard)
-        shards = [shard_cls.remote() for _ in range(cfg.dedup.partitions)]
-        ds = ds.map_batches(
-            mark_duplicates, fn_kwargs={"shards": shards}, batch_size=max(cfg.batch_size, 1024)
-        )
     return ds.map_batches(
-        TokenizeBatch,
+        ProcessShards,
         fn_constructor_kwargs={
+            "cfg": cfg,
+            "display": files.display,
             "tokenizer_path": str(Path(tokenizer_path).resolve()),
-            "mode": cfg.mode,
-            "seq_len": cfg.seq_len,
-            "overlong": cfg.sft.overlong,
             "eos_id": eos_id,
+            "shards": shards,
         },
-        compute=ActorPoolStrategy(size=cfg.num_actors),
+        compute=ActorPoolStrategy(size=min(cfg.num_actors, len(files.paths))),
         num_cpus=cfg.actor_cpus,
-        batch_size=cfg.batch_size,
-        udf_modifying_row_count=False,
+        batch_size=1,
     )
 
 

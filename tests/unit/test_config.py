@@ -24,7 +24,7 @@ def test_precedence_set_beats_yaml_beats_defaults(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data:\n  seq_len: 128\n  inputs: [a]\n")
     assert load_config(cfg_file).data.seq_len == 128
-    assert load_config(cfg_file).data.batch_size == 256  # default
+    assert load_config(cfg_file).data.batch_size == 512  # default
     cfg = load_config(cfg_file, ["data.seq_len=64", "data.pii.enabled=true", "data.inputs=[x, y]"])
     assert (cfg.data.seq_len, cfg.data.pii.enabled, cfg.data.inputs) == (64, True, ["x", "y"])
 
