@@ -29,18 +29,48 @@ class _Section(BaseModel):
 # Other counts below assume a 32k vocabulary with tied embeddings.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     # ~0.4M params at a 4k vocabulary: unit and integration tests on 2 CPU cores.
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=192,
-                 max_position_embeddings=512),  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=192,
+        max_position_embeddings=512,
+    ),
     # ~11M: CPU smoke runs and the quickstart.
-    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=704,
-                  max_position_embeddings=1024),  # fmt: skip
-    "125m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                 intermediate_size=2048, max_position_embeddings=2048),  # fmt: skip
-    "350m": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
-                 intermediate_size=2816, max_position_embeddings=2048),  # fmt: skip
+    "small": dict(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=704,
+        max_position_embeddings=1024,
+    ),
+    "125m": dict(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        intermediate_size=2048,
+        max_position_embeddings=2048,
+    ),
+    "350m": dict(
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        intermediate_size=2816,
+        max_position_embeddings=2048,
+    ),
     # Llama-3.2-1B shape (GQA 32/8).
-    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-               intermediate_size=8192, max_position_embeddings=4096),  # fmt: skip
+    "1b": dict(
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -109,14 +139,17 @@ class TrainConfig(_Section):
     """``raylm train``: what to train on, for how long, and how often to log/eval/checkpoint."""
 
     task: Literal["pretrain", "sft"] = Field(
-        "pretrain", description="pretrain: loss on every next token; sft: only where labels != -100."
+        "pretrain",
+        description="pretrain: loss on every next token; sft: only where labels != -100.",
     )
     datasets: list[TrainDataset] = Field(
         default_factory=list,
         description="Prepared dataset dirs with mixing weights; a plain string is {path, weight: 1}.",
     )
     global_batch_tokens: int = Field(
-        16_384, ge=1, description="Tokens per optimizer step over all ranks (a multiple of seq_len)."
+        16_384,
+        ge=1,
+        description="Tokens per optimizer step over all ranks (a multiple of seq_len).",
     )
     micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward/backward.")
     max_steps: int | None = Field(
@@ -131,14 +164,21 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
-    eval_every: int = Field(0, ge=0, description="Steps between held-out evals; 0: only at the end.")
-    eval_batches: int = Field(
-        8, ge=1, description="Validation micro-batches per rank per eval (same count on every rank)."
+    eval_every: int = Field(
+        0, ge=0, description="Steps between held-out evals; 0: only at the end."
     )
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (and at the end).")
+    eval_batches: int = Field(
+        8,
+        ge=1,
+        description="Validation micro-batches per rank per eval (same count on every rank).",
+    )
+    checkpoint_every: int = Field(
+        100, ge=1, description="Steps between checkpoints (and at the end)."
+    )
     keep_checkpoints: int = Field(2, ge=2, description="Newest checkpoints kept (at least 2).")
     storage_path: str = Field(
-        "runs/train", description="Parent of the run dir `storage_path/name` (every node must reach it)."
+        "runs/train",
+        description="Parent of the run dir `storage_path/name` (every node must reach it).",
     )
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="On a non-finite loss or gradient: stop the run, or skip the update."
@@ -171,14 +211,17 @@ class TrainConfig(_Section):
 class DeepSpeedConfig(_Section):
     """ZeRO, offload and precision; turned into a DeepSpeed dict by ``training.ds_config``."""
 
-    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0 (DDP-like) to 3 (params sharded).")
+    zero_stage: int = Field(
+        2, ge=0, le=3, description="ZeRO stage 0 (DDP-like) to 3 (params sharded)."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO 3 only).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision; fp16 needs CUDA (use bf16 or fp32 on CPU)."
     )
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="Raw DeepSpeed keys merged last (deep merge) into the dict."
+        default_factory=dict,
+        description="Raw DeepSpeed keys merged last (deep merge) into the dict.",
     )
 
     @model_validator(mode="after")

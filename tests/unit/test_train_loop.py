@@ -1,0 +1,55 @@
+"""The per-worker loop without Ray: one process, world size 1, gloo (as a GPU benchmark runs it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from training.data import dataset_info
+from training.errors import NonFiniteError
+from training.loop import WorkerIO, WorkerJob, run_worker
+from training.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("loop") / "ds", train_rows=32,
+                                   validation_rows=8, seq_len=32)  # fmt: skip
+
+
+def _job(dataset: Path, run_dir: Path, **train_kw) -> WorkerJob:
+    train = TrainConfig(global_batch_tokens=32 * 8, micro_batch_size=4, log_every=1,
+                        checkpoint_every=100, warmup_steps=0, **train_kw)  # fmt: skip
+    return WorkerJob(model=ModelConfig(), train=train, deepspeed=DeepSpeedConfig(zero_stage=0),
+                     seed=0, run_dir=str(run_dir), datasets=[dataset_info(str(dataset))],
+                     weights=[1.0], seq_len=32, vocab_size=64, pad_id=0,
+                     total_steps=train.max_steps or 3, config_hash="test")  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_loop_runs_without_ray_and_reports(dataset, tmp_path) -> None:
+    reports: list[tuple[int, bool]] = []
+
+    def report(metrics, checkpoint_dir, step):
+        reports.append((step, checkpoint_dir is not None))
+
+    state = run_worker(_job(dataset, tmp_path, max_steps=3, lr=3e-3), WorkerIO(0, 1, report))
+    assert state.step == 3 and state.tokens_seen == 3 * 8 * 32
+    assert reports == [(1, False), (2, False), (3, True)]  # checkpoint at the end
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["lr"] == pytest.approx(3e-3)  # warmup_steps 0: full lr from step 1
+    assert "eval_loss" in rows[-1] and rows[-1]["perplexity"] > 1
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_loss_stops_naming_step_and_rank(dataset, tmp_path) -> None:
+    # An absurd learning rate blows the weights up after step 1; step 2 is not finite.
+    job = _job(dataset, tmp_path, max_steps=3, lr=1e30, grad_clip=0.0)
+    with pytest.raises(
+        NonFiniteError, match=r"step 2: non-finite (loss on rank\(s\) \[0\]|gradient norm)"
+    ):
+        run_worker(job, WorkerIO(0, 1, lambda *a: None))

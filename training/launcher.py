@@ -1,0 +1,234 @@
+"""``raylm train``: driver-side preflight, then a Ray Train V2 ``TorchTrainer`` running the loop.
+
+The Ray edge of the training stage. :func:`plan_job` validates everything that can be checked on
+the driver (datasets, tokenizer vs vocabulary, seq_len vs positions, batch divisibility, precision)
+and raises ``TrainConfigError`` before any worker starts; the worker function only rebuilds the
+typed job and calls ``training.loop.run_worker`` with Ray-backed reporting and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from training.data import DatasetInfo, dataset_info, epoch_order
+from training.ds_config import batch_plan, build_ds_config
+from training.errors import TrainConfigError
+from training.loop import WorkerIO, WorkerJob, run_worker
+from training.model import hf_config, model_max_positions
+
+if TYPE_CHECKING:
+    from cluster.config import RaylmConfig
+
+__all__ = ["job_from_dict", "job_to_dict", "plan_job", "run_dir", "train"]
+
+log = logging.getLogger(__name__)
+# Test-only fault injection: "STEP:RANK" SIGKILLs that worker once, after that optimizer step.
+KILL_ENV = "RAYLM_TEST_KILL_AT_STEP"
+
+
+def run_dir(cfg: RaylmConfig) -> Path:
+    return Path(cfg.train.storage_path).resolve() / cfg.name
+
+
+def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int]:
+    """Model vocabulary size and pad id; the tokenizer must fit the model's embedding."""
+    from transformers import AutoTokenizer
+
+    tok_path = infos[0].tokenizer_path
+    if not tok_path or not Path(tok_path).is_dir():
+        raise TrainConfigError(
+            f"train.datasets[0]: tokenizer dir {tok_path!r} in its manifest is missing"
+        )
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    n_tok = len(tok)
+    if cfg.model.init_from:
+        vocab, key = hf_config(cfg.model, n_tok).vocab_size, "model.init_from"
+    else:
+        vocab, key = cfg.model.vocab_size or n_tok, "model.vocab_size"
+    if n_tok > vocab:
+        raise TrainConfigError(
+            f"{key}: model vocabulary {vocab} is smaller than the tokenizer's {n_tok}"
+        )
+    pad = infos[0].pad_token_id
+    if pad is None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return vocab, int(pad)
+
+
+def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
+    if not cfg.train.datasets:
+        raise TrainConfigError(
+            "train.datasets: empty; give at least one `raylm data prepare` output"
+        )
+    infos = [
+        dataset_info(d.path, key=f"train.datasets[{i}].path")
+        for i, d in enumerate(cfg.train.datasets)
+    ]
+    seq_lens = {i.seq_len for i in infos}
+    if len(seq_lens) > 1:
+        raise TrainConfigError(
+            f"train.datasets: all datasets need one seq_len (got {sorted(seq_lens)})"
+        )
+    return infos
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "deepspeed", "transformers", "ray"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def plan_job(cfg: RaylmConfig) -> WorkerJob:
+    """Resolve and validate a run on the driver; raises TrainConfigError naming the key."""
+    infos = _datasets(cfg)
+    seq_len = infos[0].seq_len
+    max_pos = model_max_positions(cfg.model)
+    if seq_len > max_pos:
+        raise TrainConfigError(
+            f"model.max_position_embeddings: {max_pos} is below the dataset seq_len {seq_len}"
+        )
+    vocab, pad = _vocab_and_pad(cfg, infos)
+    world = cfg.scaling.num_workers
+    plan = batch_plan(cfg.train.global_batch_tokens, seq_len, cfg.train.micro_batch_size, world)
+    if cfg.train.nonfinite == "skip" and cfg.deepspeed.zero_stage == 0:
+        raise TrainConfigError("train.nonfinite: skip needs deepspeed.zero_stage >= 1 (ZeRO skips "
+                               "non-finite updates; stage 0 cannot)")  # fmt: skip
+    weights = [d.weight for d in cfg.train.datasets]
+    epoch_rows = len(epoch_order(0, cfg.seed, [i.rows["train"] for i in infos], weights))
+    steps_per_epoch = epoch_rows // plan.global_rows
+    if steps_per_epoch == 0:
+        raise TrainConfigError(f"train.global_batch_tokens: one step needs {plan.global_rows} rows, "
+                               f"an epoch has {epoch_rows}")  # fmt: skip
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    # Raises for fp16 without CUDA; the workers build the same dict.
+    build_ds_config(cfg.train, cfg.deepspeed, seq_len=seq_len, world_size=world, total_steps=total,
+                    use_gpu=cfg.scaling.use_gpu, cuda_available=cfg.scaling.use_gpu)  # fmt: skip
+    resume_keys = {"model.shape": cfg.model.shape(), "model.init_from": cfg.model.init_from,
+                   "model.vocab_size": vocab, "seq_len": seq_len,
+                   "train.global_batch_tokens": cfg.train.global_batch_tokens,
+                   "scaling.num_workers": world}  # fmt: skip
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return WorkerJob(
+        model=cfg.model, train=cfg.train, deepspeed=cfg.deepspeed, seed=cfg.seed,
+        run_dir=str(run_dir(cfg)), datasets=infos, weights=weights, seq_len=seq_len,
+        vocab_size=vocab, pad_id=pad, total_steps=total,
+        config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
+        use_gpu=cfg.scaling.use_gpu, versions=_versions(),
+    )  # fmt: skip
+
+
+def job_to_dict(job: WorkerJob) -> dict[str, Any]:
+    """JSON-able form for ``train_loop_config``."""
+    out = asdict(job)
+    for key in ("model", "train", "deepspeed"):
+        out[key] = getattr(job, key).model_dump(mode="json")
+    return out
+
+
+def job_from_dict(raw: dict[str, Any]) -> WorkerJob:
+    """Typed job again, validated (first line of the worker)."""
+    raw = dict(raw)
+    raw["model"] = ModelConfig.model_validate(raw["model"])
+    raw["train"] = TrainConfig.model_validate(raw["train"])
+    raw["deepspeed"] = DeepSpeedConfig.model_validate(raw["deepspeed"])
+    raw["datasets"] = [DatasetInfo(**d) for d in raw["datasets"]]
+    return WorkerJob(**raw)
+
+
+# ---------------------------------------------------------------- worker side (inside Ray)
+
+
+def _ray_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+    import ray.train
+
+    # collective: Ray Train's report is a barrier; every rank calls it on the same steps.
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+        checkpoint_dir_name=f"checkpoint_{step:08d}",
+    )
+
+
+def _resume_candidates(job: WorkerJob) -> list[Path]:
+    """Ray's latest checkpoint first, then older ones in the run dir, newest first."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return []
+    first = Path(latest.path)
+    older = sorted((p for p in Path(job.run_dir).glob("checkpoint_*") if p.is_dir()), reverse=True)
+    return [first] + [p for p in older if p.resolve() != first.resolve()]
+
+
+def _kill_hook(job: WorkerJob):
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    at_step, at_rank = (int(x) for x in spec.split(":"))
+    marker = Path(job.run_dir) / ".test_killed"
+
+    def hook(step: int, rank: int) -> None:
+        if step == at_step and rank == at_rank and not marker.exists():
+            marker.write_text(str(step))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    job = job_from_dict(config["job"])
+    import ray.train
+    import torch
+
+    if not job.use_gpu:  # workers share the cores: no oversubscription
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    io = WorkerIO(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), report=_ray_report,
+                  resume_candidates=lambda: _resume_candidates(job), after_step=_kill_hook(job))  # fmt: skip
+    run_worker(job, io)
+
+
+def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
+    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    job = job or plan_job(cfg)
+    sc = cfg.scaling
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"job": job_to_dict(job), "threads": sc.cpus_per_worker},
+        scaling_config=RayScaling(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker},
+            placement_strategy=sc.placement_strategy,
+        ),  # fmt: skip
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.train.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+        ),
+        torch_config=TorchConfig(
+            backend="nccl" if sc.use_gpu else "gloo", timeout_s=sc.collective_timeout_s
+        ),  # fmt: skip
+    )
+    return trainer.fit()

@@ -1,0 +1,409 @@
+"""The per-worker training loop: setup -> step -> maybe log -> maybe checkpoint -> maybe eval -> cleanup.
+
+Ray-free on purpose: rank, world size, the data, reporting and where to resume from come in as
+arguments (:class:`WorkerIO`), so the same loop runs under Ray Train (``training.launcher``) and as a
+single process (a GPU benchmark). Collectives are marked; every rank runs the same number of steps,
+evals and reports, or the others hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.batch import document_causal_mask, loss_targets, token_loss
+from training.checkpoint import (
+    TrainState,
+    load_rng,
+    resume_mismatch,
+    save_rng,
+    verify_checkpoint,
+    write_integrity,
+    write_state,
+)
+from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from training.data import DatasetInfo, MixedRows, validation_batches
+from training.ds_config import build_ds_config
+from training.errors import CheckpointError, NonFiniteError
+from training.model import build_model, flops_per_token, init_parameter
+
+__all__ = ["METRICS_NAME", "Reporter", "WorkerIO", "WorkerJob", "run_worker"]
+
+log = logging.getLogger(__name__)
+METRICS_NAME = "metrics.jsonl"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, resolved on the driver (plain data: it travels to Ray workers)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    seed: int
+    run_dir: str
+    datasets: list[DatasetInfo]
+    weights: list[float]
+    seq_len: int
+    vocab_size: int
+    pad_id: int
+    total_steps: int
+    config_hash: str
+    resume_keys: dict[str, Any] = field(default_factory=dict)
+    use_gpu: bool = False
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class Reporter(Protocol):
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        """Called by every rank the same number of times (a collective under Ray Train)."""
+
+
+@dataclass
+class WorkerIO:
+    rank: int
+    world_size: int
+    report: Reporter
+    # Checkpoint dirs to try, newest first; the first one that verifies is resumed from.
+    resume_candidates: Callable[[], list[Path]] = list
+    # Test hook called after each optimizer step with (step, rank): fault injection.
+    after_step: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class _Ctx:
+    job: WorkerJob
+    io: WorkerIO
+    engine: Any
+    data: MixedRows
+    eval_data: list[dict[str, np.ndarray]]
+    state: TrainState
+    dtype: torch.dtype
+    flops_per_token: float
+    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous metrics row
+    loss_acc: torch.Tensor | None = None  # sum of micro-batch mean losses since the last log
+    micro_acc: int = 0
+    step_lr: float = 0.0  # lr the last optimizer step ran at
+    grad_norm: float | None = None  # pre-clip global grad norm of the last step
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _init_distributed(use_gpu: bool, world_size: int) -> None:
+    import deepspeed
+
+    # Under Ray Train the torch process group already exists; deepspeed.init_distributed then
+    # only wraps it. It must still run: zero.Init reads the world size from deepspeed.comm.
+    if not dist.is_initialized() and world_size == 1:  # single process without a launcher
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"),
+                           ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+            os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; norms (1-D) are not decayed. ZeRO-3 params keep their shape in ds_shape."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _build_engine(job: WorkerJob, world_size: int, dtype: torch.dtype) -> Any:
+    import deepspeed
+
+    ds_conf = build_ds_config(job.train, job.deepspeed, seq_len=job.seq_len, world_size=world_size,
+                              total_steps=job.total_steps, use_gpu=job.use_gpu,
+                              cuda_available=torch.cuda.is_available())  # fmt: skip
+    zero3 = job.deepspeed.zero_stage == 3
+    ckpt = job.train.activation_checkpointing
+    hf_ds = None
+    if zero3 and job.model.init_from:
+        # from_pretrained sees this (kept alive in hf_ds) and loads straight into partitions.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
+        model = build_model(job.model, job.vocab_size, dtype, ckpt)
+    elif zero3:
+        # collective: zero.Init partitions each parameter as it is created, so no rank ever
+        # holds the full model; weights are then initialised one gathered parameter at a time.
+        with deepspeed.zero.Init(config_dict_or_path=ds_conf):
+            model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=None)
+        _zero3_init_weights(model, job.seed, job.model.init_std)
+    else:
+        model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=job.seed)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, job.train.weight_decay), config=ds_conf
+    )
+    return engine
+
+
+def _zero3_init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Same weights as a whole-model init: gather one parameter (all ranks), rank 0 fills it,
+    the context exit re-partitions and broadcasts. Peak extra memory: the largest parameter."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        # collective: every rank gathers the same parameter in the same order.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if dist.get_rank() == 0:
+                init_parameter(name, param, seed, std)
+
+
+def _setup(job: WorkerJob, io: WorkerIO) -> _Ctx:
+    _init_distributed(job.use_gpu, io.world_size)
+    dtype = _DTYPES[job.deepspeed.precision]
+    engine = _build_engine(job, io.world_size, dtype)
+    from training.ds_config import batch_plan
+
+    plan = batch_plan(job.train.global_batch_tokens, job.seq_len, job.train.micro_batch_size,
+                      io.world_size)  # fmt: skip
+    data = MixedRows(job.datasets, job.weights, job.seed, plan.global_rows, plan.micro_batch,
+                     io.world_size, io.rank)  # fmt: skip
+    eval_data = validation_batches(job.datasets, plan.micro_batch, io.world_size, io.rank,
+                                   job.train.eval_batches)  # fmt: skip
+    state = TrainState(world_size=io.world_size, config_hash=job.config_hash,
+                       resume_keys=job.resume_keys, versions=job.versions)  # fmt: skip
+    ctx = _Ctx(job, io, engine, data, eval_data, state, dtype,
+               flops_per_token(engine.module.config, job.seq_len))  # fmt: skip
+    if not _maybe_resume(ctx):
+        # Fresh run: advance DeepSpeed's scheduler from its pre-start state so step 1 runs at
+        # warmup ratio 0/warmup (then 1/warmup, ...); a resume restores the scheduler instead.
+        engine.lr_scheduler.step()
+    if io.rank == 0:
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        _trim_metrics(Path(job.run_dir) / METRICS_NAME, ctx.state.step)
+    ctx.last_log = (time.perf_counter(), ctx.state.step)
+    return ctx
+
+
+def _maybe_resume(ctx: _Ctx) -> bool:
+    """Load the newest checkpoint that verifies (True), warning naming any skipped one."""
+    skipped: list[str] = []
+    for cand in ctx.io.resume_candidates():
+        try:
+            saved = verify_checkpoint(cand)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        diff = resume_mismatch(saved.resume_keys, ctx.job.resume_keys)
+        if diff:
+            raise CheckpointError(f"{cand}: cannot resume, changed: {', '.join(diff)}")
+        # collective: every rank loads its own shards (same dir, rank-specific file names).
+        path, _ = ctx.engine.load_checkpoint(str(cand), load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)  # fmt: skip
+        if path is None:
+            raise CheckpointError(f"{cand}: DeepSpeed found no engine state")
+        load_rng(Path(cand), ctx.io.rank)
+        ctx.state = saved
+        if skipped and ctx.io.rank == 0:
+            log.warning("resuming from %s; skipped: %s", cand, "; ".join(skipped))
+        return True
+    if skipped:
+        raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(skipped))
+    return False
+
+
+# ---------------------------------------------------------------- step
+
+
+def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v)).long().to(device) for k, v in batch.items()}
+
+
+def _forward_loss(ctx: _Ctx, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, loss-token count) of one micro-batch; input_ids/position_ids (mb, seq)."""
+    t = _to_device(batch, ctx.engine.device)
+    labels = t.get("labels") if ctx.job.train.task == "sft" else None
+    targets = loss_targets(t["input_ids"], t["position_ids"], ctx.job.pad_id, labels)
+    mask = document_causal_mask(t["position_ids"], ctx.dtype)
+    out = ctx.engine(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
+    return token_loss(out.logits, targets)
+
+
+def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
+    """One optimizer step over this rank's micro-batches (DeepSpeed scales by 1/grad_accum)."""
+    engine = ctx.engine
+    skipped_before = engine.skipped_steps
+    ctx.step_lr = float(engine.get_lr()[0])
+    step_loss = torch.zeros((), device=engine.device)
+    loss_tokens = torch.zeros((), dtype=torch.long, device=engine.device)
+    for k, mb in enumerate(micro_batches):
+        total, count = _forward_loss(ctx, mb)
+        loss = total / count.clamp(min=1)
+        engine.backward(loss)  # collective at the accumulation boundary (gradient reduce)
+        if k == len(micro_batches) - 1 and ctx.job.deepspeed.zero_stage == 0:
+            ctx.grad_norm = _local_grad_norm(engine.module)  # reduced, not yet clipped
+        engine.step()  # optimizer step only at the boundary
+        step_loss += loss.detach()
+        loss_tokens += count
+    if ctx.job.deepspeed.zero_stage > 0:
+        norm = engine.get_global_grad_norm()  # computed inside ZeRO's step, same on every rank
+        ctx.grad_norm = None if norm is None else float(norm)
+    _health_check(ctx, step_loss, skipped_before)
+    ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
+    ctx.micro_acc += len(micro_batches)
+    ctx.state.step += 1
+    ctx.state.tokens_seen += ctx.data.global_rows * ctx.job.seq_len
+    ctx.state.loss_tokens_seen += int(loss_tokens)  # host sync; cheap next to a step
+    ctx.state.epoch, ctx.state.step_in_epoch = divmod(ctx.state.step, ctx.data.steps_per_epoch)
+
+
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    """ZeRO-0: gradients are already all-reduced at the boundary, so the local norm is global."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _health_check(ctx: _Ctx, step_loss: torch.Tensor, skipped_before: int) -> None:
+    """Stop or skip on a non-finite loss or gradient, naming the step and the rank(s)."""
+    # collective: every rank contributes its flag at its own index, (world,) float.
+    flags = torch.zeros(ctx.io.world_size, device=ctx.engine.device)
+    flags[ctx.io.rank] = float(not torch.isfinite(step_loss))
+    dist.all_reduce(flags)
+    bad_grad = ctx.grad_norm is not None and not math.isfinite(ctx.grad_norm)
+    ranks = [int(r) for r in torch.nonzero(flags).flatten()]
+    if not ranks and not bad_grad:
+        return
+    step = ctx.state.step + 1
+    what = f"loss on rank(s) {ranks}" if ranks else "gradient norm"
+    if ctx.job.train.nonfinite == "stop":
+        raise NonFiniteError(f"step {step}: non-finite {what} (train.nonfinite: stop)")
+    if ctx.engine.skipped_steps == skipped_before:
+        raise NonFiniteError(
+            f"step {step}: non-finite {what}, and DeepSpeed applied the update (zero_stage 0 in "
+            "fp32 cannot skip); use deepspeed.zero_stage >= 1 or train.nonfinite: stop"
+        )
+    ctx.state.skipped_steps += 1
+    if ctx.io.rank == 0:
+        log.warning("step %d: non-finite %s; update skipped", step, what)
+
+
+# ---------------------------------------------------------------- log / eval / checkpoint
+
+
+def _write_metrics(ctx: _Ctx, row: dict[str, Any]) -> None:
+    if ctx.io.rank == 0:
+        with (Path(ctx.job.run_dir) / METRICS_NAME).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """After a resume, drop rows for steps that will be trained again."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln)["step"] <= step]  # fmt: skip
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+def _log_row(ctx: _Ctx) -> dict[str, Any]:
+    """Metrics since the last log; all_reduce of the loss is a collective on log steps."""
+    loss = ctx.loss_acc.clone()
+    dist.all_reduce(loss)  # collective: every rank logs on the same steps
+    now = time.perf_counter()
+    t0, s0 = ctx.last_log
+    steps = ctx.state.step - s0
+    tokens_per_s = steps * ctx.data.global_rows * ctx.job.seq_len / max(now - t0, 1e-9)
+    peak = ctx.job.train.peak_tflops
+    row = {
+        "step": ctx.state.step,
+        "loss": float(loss) / (ctx.micro_acc * ctx.io.world_size),
+        "lr": ctx.step_lr,
+        "tokens_per_s": tokens_per_s,
+        "grad_norm": ctx.grad_norm,
+        "mfu": None if peak is None
+        else tokens_per_s * ctx.flops_per_token / (peak * 1e12 * ctx.io.world_size),
+        "tokens_seen": ctx.state.tokens_seen,
+        "epoch": ctx.state.epoch,
+    }  # fmt: skip
+    ctx.last_log, ctx.loss_acc, ctx.micro_acc = (now, ctx.state.step), None, 0
+    return row
+
+
+def _evaluate(ctx: _Ctx) -> dict[str, float]:
+    """Held-out loss over the same number of micro-batches on every rank (forward is a collective
+    under ZeRO-3)."""
+    ctx.engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.engine.device)  # (loss sum, tokens)
+    with torch.no_grad():
+        for mb in ctx.eval_data:
+            total, count = _forward_loss(ctx, mb)
+            sums += torch.stack([total.double(), count.double()])
+    ctx.engine.train()
+    dist.all_reduce(sums)  # collective
+    eval_loss = float(sums[0] / sums[1].clamp(min=1))
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
+    """collective: every rank writes its shards to a fresh local dir and reports it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{ctx.io.rank}_"))
+    try:
+        ctx.engine.save_checkpoint(str(tmp), tag=f"global_step{ctx.state.step}")
+        save_rng(tmp, ctx.io.rank)
+        if ctx.io.rank == 0:
+            write_state(tmp, ctx.state)
+        write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
+        ctx.io.report(metrics, tmp, ctx.state.step)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _after_step(ctx: _Ctx, last: bool) -> None:
+    train, step = ctx.job.train, ctx.state.step
+    row: dict[str, Any] = {}
+    if step % train.log_every == 0 or last:
+        row = _log_row(ctx)
+    if ctx.eval_data and ((train.eval_every and step % train.eval_every == 0) or last):
+        row = {**(row or {"step": step}), **_evaluate(ctx)}
+    if row:
+        _write_metrics(ctx, row)
+    if step % train.checkpoint_every == 0 or last:
+        _checkpoint(ctx, row or {"step": step})
+    elif row:
+        ctx.io.report(row, None, step)  # collective under Ray Train
+
+
+# ---------------------------------------------------------------- entry
+
+
+def run_worker(job: WorkerJob, io: WorkerIO) -> TrainState:
+    """Train until ``job.total_steps``; resumes from ``io.resume_candidates`` when one verifies."""
+    ctx = _setup(job, io)
+    try:
+        for micro_batches in ctx.data.iter_steps(ctx.state.step, job.total_steps):
+            _train_step(ctx, micro_batches)
+            if io.after_step is not None:
+                io.after_step(ctx.state.step, io.rank)
+            _after_step(ctx, last=ctx.state.step == job.total_steps)
+        return ctx.state
+    finally:
+        _cleanup(ctx)
+
+
+def _cleanup(ctx: _Ctx) -> None:
+    if ctx.io.rank == 0:
+        log.info("worker done at step %d: %s", ctx.state.step, asdict(ctx.state))
+    ctx.engine.destroy() if hasattr(ctx.engine, "destroy") else None
