@@ -117,7 +117,10 @@ class DataConfig(_Section):
     )
     batch_size: int = Field(512, ge=1, description="Documents per tokenize call and output chunk.")
     block_size_mb: int | None = Field(
-        None, ge=1, description="Ray Data target block size; unset: Ray's default."
+        16,
+        ge=1,
+        description="Ray Data target block size in MB; small blocks stream to the packer sooner "
+        "and bound worker memory. None: Ray's default (128).",
     )
 
     @model_validator(mode="after")

@@ -48,7 +48,14 @@ from data_pipelines.tokenize import (
 )
 from data_pipelines.writer import ShardWriter
 
-__all__ = ["PrepareResult", "find_complete", "parse_and_clean", "prepare", "summarize"]
+__all__ = [
+    "PrepareResult",
+    "find_complete",
+    "iter_clean_chunks",
+    "parse_and_clean",
+    "prepare",
+    "summarize",
+]
 
 log = logging.getLogger("raylm.data")
 SAMPLES_PER_REASON = 3
@@ -63,15 +70,21 @@ class PrepareResult:
     samples: dict[str, list[str]] = field(default_factory=dict)
 
 
-def parse_and_clean(batch: dict[str, np.ndarray], cfg: DataConfig, display: dict[str, str]):
-    """Ray Data batch function over shards: one output row per record (kept or rejected).
+_ROW_KEYS = ("source", "reason", "text", "hash", "validation")
 
-    Columns out: source (str "file:line"), reason (str, "" if kept), text (str; sft: messages as
-    canonical JSON), hash (16 bytes), validation (bool), pii_<kind> (int32).
+
+def iter_clean_chunks(
+    batch: dict[str, np.ndarray], cfg: DataConfig, display: dict[str, str], chunk_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Records of a batch of shards, parsed and cleaned, in column chunks of ``chunk_size`` rows.
+
+    One output row per record (kept or rejected). Columns: source (str "file:line"), reason (str,
+    "" if kept), text (str; sft: messages as canonical JSON), hash (16 bytes), validation (bool),
+    pii_<kind> (int32). Chunking keeps a worker's memory at one chunk, not one shard.
     """
     sft = cfg.mode == "sft"
-    rows: dict[str, list] = {k: [] for k in ("source", "reason", "text", "hash", "validation")}
-    pii_cols = {k: [] for k in cfg.pii.kinds} if cfg.pii.enabled else {}
+    kinds = list(cfg.pii.kinds) if cfg.pii.enabled else []
+    rows: dict[str, list] = {k: [] for k in (*_ROW_KEYS, *kinds)}
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         name = display.get(path) or display.get("/" + path) or str(path)
         records = parse_file(
@@ -88,13 +101,28 @@ def parse_and_clean(batch: dict[str, np.ndarray], cfg: DataConfig, display: dict
             rows["text"].append(text if not reason else "")
             rows["hash"].append(digest)
             rows["validation"].append(not reason and is_validation(digest, cfg.validation_fraction))
-            for kind, col in pii_cols.items():
-                col.append(pii.get(kind, 0))
-    out = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
+            for kind in kinds:
+                rows[kind].append(pii.get(kind, 0))
+            if len(rows["reason"]) >= chunk_size:
+                yield _columns(rows, kinds)
+                rows = {k: [] for k in rows}
+    if rows["reason"]:
+        yield _columns(rows, kinds)
+
+
+def _columns(rows: dict[str, list], kinds: list[str]) -> dict[str, np.ndarray]:
+    out = {k: np.asarray(rows[k], dtype=object) for k in _ROW_KEYS}
     out["validation"] = np.asarray(rows["validation"], dtype=np.bool_)
-    for kind, col in pii_cols.items():
-        out[f"pii_{kind}"] = np.asarray(col, dtype=np.int32)
+    for kind in kinds:
+        out[f"pii_{kind}"] = np.asarray(rows[kind], dtype=np.int32)
     return out
+
+
+def parse_and_clean(batch: dict[str, np.ndarray], cfg: DataConfig, display: dict[str, str]):
+    """All records of a batch of shards as one column dict (see ``iter_clean_chunks``)."""
+    chunks = list(iter_clean_chunks(batch, cfg, display, chunk_size=2**62))
+    kinds = list(cfg.pii.kinds) if cfg.pii.enabled else []
+    return chunks[0] if chunks else _columns({k: [] for k in (*_ROW_KEYS, *kinds)}, kinds)
 
 
 def _clean_record(payload, reason: str, cfg: DataConfig) -> tuple[str, dict[str, int]]:
@@ -196,10 +224,7 @@ class ProcessShards:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         from data_pipelines.dedup import mark_duplicates
 
-        parsed = parse_and_clean(batch, self.cfg, self.display)
-        step = self.cfg.batch_size
-        for lo in range(0, len(parsed["reason"]), step):
-            chunk = {k: v[lo : lo + step] for k, v in parsed.items()}
+        for chunk in iter_clean_chunks(batch, self.cfg, self.display, self.cfg.batch_size):
             if self.shards:
                 chunk = mark_duplicates(chunk, self.shards)
             yield self.tokenize(chunk)
@@ -352,6 +377,13 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
             if err is None:
                 raise
             raise DataError(str(err)) from None
+    for reason, where in sorted(tally.samples.items()):
+        log.warning(
+            "data prepare: %d record(s) rejected as %s, e.g. %s",
+            tally.rejected[reason],
+            reason,
+            ", ".join(where),
+        )
     if tally.kept == 0:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(tally.rejected.items())) or "none"
         raise DataError(

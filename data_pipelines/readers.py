@@ -181,8 +181,9 @@ def _from_object(
 def _parse_jsonl(
     name: str, data: bytes, field: str, sft: bool, fallback: str | None
 ) -> Iterator[Record]:
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
+    # BytesIO yields one line at a time: no list of every line of the shard.
+    for lineno, raw in enumerate(io.BytesIO(data), start=1):
+        raw = raw.rstrip(b"\r\n")
         if not raw.strip():
             continue
         source = f"{name}:{lineno}"
