@@ -8,8 +8,12 @@ TokenizeBatch, the packers and the writer), and both must produce sha256-identic
 Start-up (ray.init, actor pool, tokenizer loads, pipeline planning) is reported separately: it is
 measured as the wall time of `data prepare` on a one-shard corpus of a few documents.
 
+Baseline and Ray runs alternate (--repeat pairs) so both see the same background load; ratios are
+medians over the pairs.
+
 Peak memory: the highest sum of RSS over the driver and every Ray worker process, sampled every 0.2 s,
-on 1x and (with --scale) Nx the corpus.
+on 1x and (with --scale N) Nx the corpus, the larger corpus in N times as many shards of the same size
+(a worker holds one shard's bytes, so memory follows shard size and the in-flight shard count).
 
     python bench/data_throughput.py                 # ~57 MB corpus
     python bench/data_throughput.py --scale 4       # also the memory ratio at 4x
@@ -26,6 +30,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,13 +48,17 @@ from data_pipelines.writer import ShardWriter  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out" / "data"
 
 
-def make_corpus(docs: int, tag: str) -> Path:
+def make_corpus(docs: int, tag: str, shards: int = 8) -> Path:
     from data_pipelines.synth import write_corpus
 
     corpus = OUT / f"corpus-{tag}"
     meta = corpus / "synth.json"
-    if not meta.is_file() or json.loads(meta.read_text())["args"]["docs"] != docs:
-        write_corpus(str(corpus), docs=docs, seed=0, shards=8)
+    if not meta.is_file() or json.loads(meta.read_text())["args"] != {
+        "docs": docs,
+        "seed": 0,
+        "shards": shards,
+    }:
+        write_corpus(str(corpus), docs=docs, seed=0, shards=shards)
     return corpus / "pretrain"
 
 
@@ -167,7 +176,8 @@ def data_cfg(inputs: Path, output: Path, actors: int) -> DataConfig:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=100_000, help="synthetic documents (1x corpus)")
-    ap.add_argument("--actors", type=int, default=2, help="tokenizer actors")
+    ap.add_argument("--actors", type=int, default=2, help="processing actors")
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved baseline/Ray pairs")
     ap.add_argument("--scale", type=int, default=0, help="also measure peak RSS at this multiple")
     args = ap.parse_args()
 
@@ -180,7 +190,6 @@ def main() -> None:
     tiny.mkdir(parents=True, exist_ok=True)
     (tiny / "a.jsonl").write_text(json.dumps({"text": "a tiny document for start-up"}) + "\n")
 
-    base_s, base = single_process(data_cfg(corpus, OUT / "base", 1), tokenizer, OUT / "base")
     t0 = time.perf_counter()
     ray.init(
         num_cpus=4,
@@ -189,36 +198,46 @@ def main() -> None:
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     init_s = time.perf_counter() - t0
-    tiny_s, _, _ = ray_prepare(data_cfg(tiny, OUT / "tiny-out", args.actors), tokenizer)
-    ray_s, manifest, peak1 = ray_prepare(data_cfg(corpus, OUT / "ray", args.actors), tokenizer)
-    assert manifest["checksums"] == base["checksums"], "Ray and single-process outputs differ"
+    pairs, peak1 = [], 0
+    for i in range(args.repeat):
+        # Interleaved so both sides see the same background load on a shared machine.
+        base_s, base = single_process(data_cfg(corpus, OUT / "base", 1), tokenizer, OUT / "base")
+        tiny_s, _, _ = ray_prepare(data_cfg(tiny, OUT / "tiny-out", args.actors), tokenizer)
+        ray_s, manifest, peak = ray_prepare(data_cfg(corpus, OUT / "ray", args.actors), tokenizer)
+        assert manifest["checksums"] == base["checksums"], "Ray and single-process outputs differ"
+        peak1 = max(peak1, peak)
+        pairs.append((base_s, ray_s, tiny_s))
+        print(
+            f"pair {i + 1}: single {base_s:.1f} s, ray {ray_s:.1f} s, one-document job "
+            f"{tiny_s:.1f} s",
+            flush=True,
+        )
 
     tokens = manifest["tokens"]
-    startup = init_s + tiny_s
+    base_s, ray_s, tiny_s = (statistics.median(p[k] for p in pairs) for k in range(3))
+    incl = statistics.median(b / r for b, r, _ in pairs)
+    excl = statistics.median(b / max(r - t, 1e-9) for b, r, t in pairs)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"ray {ray.__version__}"
+        f"ray {ray.__version__}, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"corpus: {size_mb:.1f} MB, {manifest['documents_read']} docs, {tokens} tokens kept")
-    print(f"single process : {base_s:7.1f} s  {tokens / base_s:10.0f} tokens/s")
+    print(f"single process : {base_s:7.1f} s  {tokens / base_s:10.0f} tokens/s  (median)")
     print(
-        f"ray prepare    : {ray_s:7.1f} s  {tokens / ray_s:10.0f} tokens/s "
-        f"({args.actors} tokenizer actors)"
+        f"ray prepare    : {ray_s:7.1f} s  {tokens / ray_s:10.0f} tokens/s  ({args.actors} actors)"
     )
-    print(
-        f"start-up       : {startup:7.1f} s  (ray.init {init_s:.1f} s + one-document job "
-        f"{tiny_s:.1f} s)"
-    )
-    print(f"ratio incl. job start-up : {base_s / ray_s:.2f}x")
-    print(f"ratio excl. start-up     : {base_s / max(ray_s - tiny_s, 1e-9):.2f}x")
+    print(f"start-up       : ray.init {init_s:.1f} s; one-document job {tiny_s:.1f} s (median)")
+    print(f"ratio incl. job start-up : {incl:.2f}x   (median of {len(pairs)} pairs)")
+    print(f"ratio excl. start-up     : {excl:.2f}x   (job time minus the one-document job)")
     print("outputs identical (sha256): yes")
     print(f"peak RSS 1x: {peak1 / 2**20:.0f} MiB")
     if args.scale:
-        big = make_corpus(args.docs * args.scale, f"{args.scale}x")
+        # 4x the corpus in 4x the shards: shards keep their size, as when a corpus grows.
+        big = make_corpus(args.docs * args.scale, f"{args.scale}x", shards=8 * args.scale)
         _, _, peak_n = ray_prepare(data_cfg(big, OUT / "ray-big", args.actors), tokenizer)
         print(
             f"peak RSS {args.scale}x: {peak_n / 2**20:.0f} MiB  "
-            f"(ratio {peak_n / peak1:.2f}x for {args.scale}x the data)"
+            f"(ratio {peak_n / peak1:.2f}x for {args.scale}x the data, same shard size)"
         )
     ray.shutdown()
 

@@ -1,7 +1,7 @@
 """``raylm quickstart``: the main job on the embedded synthetic corpus, one line per stage.
 
-Built so far: synth -> tokenizer -> data prepare (pretraining and SFT). Training, export, eval and
-serving join the chain as they land.
+Built so far: synth -> tokenizer -> data prepare (pretraining and SFT) -> pretraining (2 Ray Train
+workers, DeepSpeed ZeRO-2). Export, fine-tuning, eval and serving join the chain as they land.
 """
 
 from __future__ import annotations
@@ -89,6 +89,22 @@ def _prepare(cfg: RaylmConfig) -> tuple[str, dict]:
     return detail + (" (reused)" if result.skipped else ""), m
 
 
+def _pretrain(cfg: RaylmConfig) -> str:
+    """2 Ray Train workers under ZeRO-2; a finished run resumes from its last checkpoint at once."""
+    from training.launcher import plan_job, run_dir, train
+
+    job = plan_job(cfg)
+    write_resolved(cfg, run_dir(cfg))
+    train(cfg, job)
+    rows = [json.loads(x) for x in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines() if x]
+    evals = [r for r in rows if "eval_loss" in r]
+    last = rows[-1] if rows else {}
+    detail = f"step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}"
+    if evals:
+        detail += f", eval loss {evals[-1]['eval_loss']:.3f} (ppl {evals[-1]['perplexity']:.1f})"
+    return detail
+
+
 def run_quickstart(
     workdir: str = DEFAULT_ROOT, overrides: list[str] | None = None, docs: int = 4000
 ) -> int:
@@ -96,7 +112,7 @@ def run_quickstart(
 
     pre_cfg, sft_cfg = quickstart_configs(workdir, overrides or [])
     corpus = Path(workdir) / "corpus"
-    total, started = 4, time.perf_counter()
+    total, started = 5, time.perf_counter()
     t = time.perf_counter()
     _stage(1, total, "synth", _synth(corpus, docs, pre_cfg.seed), time.perf_counter() - t)
     with ray_session(pre_cfg.ray):
@@ -109,10 +125,14 @@ def run_quickstart(
         t = time.perf_counter()
         detail, sft_manifest = _prepare(sft_cfg)
         _stage(4, total, "data prepare sft", detail, time.perf_counter() - t)
+        t = time.perf_counter()
+        _stage(5, total, "pretrain", _pretrain(pre_cfg), time.perf_counter() - t)
     print(f"\nquickstart finished in {time.perf_counter() - started:.0f}s. Artifacts:")
     print(f"  corpus      {corpus}")
     print(f"  tokenizer   {pre_cfg.tokenizer.output}")
-    print(f"  pretrain    {pre_cfg.data.output}/manifest.json")
+    print(f"  data        {pre_cfg.data.output}/manifest.json")
     print(f"  sft         {sft_cfg.data.output}/manifest.json")
-    print("Next stages (train, export, eval, serve) are not built yet: see `raylm --help`.")
+    print(f"  run         {pre_cfg.train.storage_path}/{pre_cfg.name}/metrics.jsonl")
+    print("Run a stage alone: raylm tokenizer train | data prepare | train configs/quickstart.yaml")
+    print("Next stages (export, fine-tune, eval, serve) are not in the quickstart yet.")
     return 0
