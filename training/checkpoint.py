@@ -3,8 +3,9 @@
 A checkpoint dir (after Ray merges the per-rank dirs) holds:
 - DeepSpeed's ``latest`` + ``global_stepN/`` (model, optimizer and scheduler shards, rank-specific
   file names);
-- ``raylm_state.json`` (rank 0): step, tokens seen, data position, world size, config hash and the
-  keys a resume must match;
+- ``raylm_state.json`` (rank 0): step, tokens seen, data position, world size, config hash, the
+  keys a resume must match and provenance (seed, dataset manifest hashes, git commit);
+- ``hf_config.json`` (rank 0): the model's transformers config, for export;
 - ``rng/rank_R.pt`` (every rank): that rank's torch / numpy / python RNG states;
 - ``integrity/rank_R.json`` (every rank, written last): sha256 and size of every file that rank wrote.
 
@@ -15,10 +16,13 @@ or partially uploaded checkpoint is detected before DeepSpeed unpickles its opti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+import subprocess
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,12 @@ import torch
 from training.errors import CheckpointError
 
 __all__ = [
+    "HF_CONFIG_NAME",
     "STATE_NAME",
     "TrainState",
+    "git_commit",
     "load_rng",
+    "package_versions",
     "read_state",
     "resume_mismatch",
     "save_rng",
@@ -40,6 +47,7 @@ __all__ = [
 ]
 
 STATE_NAME = "raylm_state.json"
+HF_CONFIG_NAME = "hf_config.json"  # rank 0: the model's transformers config
 
 
 @dataclass
@@ -56,6 +64,26 @@ class TrainState:
     config_hash: str = ""
     resume_keys: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # seed, manifests, git commit
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "deepspeed", "transformers", "ray", "raylm"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def git_commit() -> str:
+    """The raylm source's git commit, or "" outside a checkout (e.g. a wheel install)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
 
 
 def _sha256(path: Path) -> str:

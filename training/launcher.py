@@ -8,17 +8,17 @@ typed job and calls ``training.loop.run_worker`` with Ray-backed reporting and r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.checkpoint import git_commit, package_versions
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
@@ -82,12 +82,13 @@ def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
     return infos
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "deepspeed", "transformers", "ray"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    return out
+def _provenance(cfg: RaylmConfig, infos: list[DatasetInfo]) -> dict[str, Any]:
+    manifests = {
+        i.path: hashlib.sha256((Path(i.path) / "manifest.json").read_bytes()).hexdigest()
+        for i in infos
+    }
+    return {"seed": cfg.seed, "run_name": cfg.name, "manifest_sha256": manifests,
+            "tokenizer_path": infos[0].tokenizer_path, "git_commit": git_commit()}  # fmt: skip
 
 
 def plan_job(cfg: RaylmConfig) -> WorkerJob:
@@ -125,7 +126,7 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
         run_dir=str(run_dir(cfg)), datasets=infos, weights=weights, seq_len=seq_len,
         vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
-        use_gpu=cfg.scaling.use_gpu, versions=_versions(),
+        use_gpu=cfg.scaling.use_gpu, versions=package_versions(), provenance=_provenance(cfg, infos),
     )  # fmt: skip
 
 
@@ -176,8 +177,7 @@ def _resume_candidates(job: WorkerJob) -> list[Path]:
     return [first] + [p for p in older if p.resolve() != first.resolve()]
 
 
-def _kill_hook(job: WorkerJob):
-    spec = os.environ.get(KILL_ENV)
+def _kill_hook(job: WorkerJob, spec: str) -> Callable[[int, int], None] | None:
     if not spec:
         return None
     at_step, at_rank = (int(x) for x in spec.split(":"))
@@ -200,7 +200,8 @@ def _train_fn(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     io = WorkerIO(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), report=_ray_report,
-                  resume_candidates=lambda: _resume_candidates(job), after_step=_kill_hook(job))  # fmt: skip
+                  resume_candidates=lambda: _resume_candidates(job),
+                  after_step=_kill_hook(job, config.get("kill_at", "")))  # fmt: skip
     run_worker(job, io)
 
 
@@ -214,7 +215,13 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
     sc = cfg.scaling
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"job": job_to_dict(job), "threads": sc.cpus_per_worker},
+        # The kill switch is read on the driver: Ray workers inherit the environment of the
+        # cluster's start, not of this process.
+        train_loop_config={
+            "job": job_to_dict(job),
+            "threads": sc.cpus_per_worker,
+            "kill_at": os.environ.get(KILL_ENV, ""),
+        },  # fmt: skip
         scaling_config=RayScaling(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from training.batch import document_causal_mask, loss_targets, token_loss
 from training.checkpoint import (
+    HF_CONFIG_NAME,
     TrainState,
     load_rng,
     resume_mismatch,
@@ -39,11 +40,19 @@ from training.data import DatasetInfo, MixedRows, validation_batches
 from training.ds_config import build_ds_config
 from training.errors import CheckpointError, NonFiniteError
 from training.model import build_model, flops_per_token, init_parameter
+from training.records import (
+    METRICS_NAME,
+    append_event,
+    append_row_ids,
+    local_param_counts,
+    trim_jsonl,
+    trim_row_ids,
+    write_worker_info,
+)
 
 __all__ = ["METRICS_NAME", "Reporter", "WorkerIO", "WorkerJob", "run_worker"]
 
 log = logging.getLogger(__name__)
-METRICS_NAME = "metrics.jsonl"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -66,6 +75,10 @@ class WorkerJob:
     resume_keys: dict[str, Any] = field(default_factory=dict)
     use_gpu: bool = False
     versions: dict[str, str] = field(default_factory=dict)
+    # seed, dataset manifest hashes, tokenizer path, git commit: copied into every checkpoint.
+    provenance: dict[str, Any] = field(default_factory=dict)
+    # Audit trail: each rank appends the row ids of every step to row_ids/rank_R.jsonl.
+    record_row_ids: bool = False
 
 
 class Reporter(Protocol):
@@ -130,12 +143,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def _build_engine(job: WorkerJob, world_size: int, dtype: torch.dtype) -> Any:
+def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
     import deepspeed
 
-    ds_conf = build_ds_config(job.train, job.deepspeed, seq_len=job.seq_len, world_size=world_size,
-                              total_steps=job.total_steps, use_gpu=job.use_gpu,
-                              cuda_available=torch.cuda.is_available())  # fmt: skip
+    ds_conf = build_ds_config(job.train, job.deepspeed, seq_len=job.seq_len,
+                              world_size=io.world_size, total_steps=job.total_steps,
+                              use_gpu=job.use_gpu, cuda_available=torch.cuda.is_available())  # fmt: skip
     zero3 = job.deepspeed.zero_stage == 3
     ckpt = job.train.activation_checkpointing
     hf_ds = None
@@ -153,6 +166,11 @@ def _build_engine(job: WorkerJob, world_size: int, dtype: torch.dtype) -> Any:
         _zero3_init_weights(model, job.seed, job.model.init_std)
     else:
         model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=job.seed)
+    # Right after construction: what this rank holds (ZeRO-3: about total / world).
+    local, total = local_param_counts(model)
+    write_worker_info(Path(job.run_dir), io.rank, {"rank": io.rank, "world_size": io.world_size,
+                      "zero_stage": job.deepspeed.zero_stage, "local_params": local,
+                      "total_params": total})  # fmt: skip
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=_param_groups(model, job.train.weight_decay), config=ds_conf
     )
@@ -174,7 +192,7 @@ def _zero3_init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
 def _setup(job: WorkerJob, io: WorkerIO) -> _Ctx:
     _init_distributed(job.use_gpu, io.world_size)
     dtype = _DTYPES[job.deepspeed.precision]
-    engine = _build_engine(job, io.world_size, dtype)
+    engine = _build_engine(job, io, dtype)
     from training.ds_config import batch_plan
 
     plan = batch_plan(job.train.global_batch_tokens, job.seq_len, job.train.micro_batch_size,
@@ -184,16 +202,19 @@ def _setup(job: WorkerJob, io: WorkerIO) -> _Ctx:
     eval_data = validation_batches(job.datasets, plan.micro_batch, io.world_size, io.rank,
                                    job.train.eval_batches)  # fmt: skip
     state = TrainState(world_size=io.world_size, config_hash=job.config_hash,
-                       resume_keys=job.resume_keys, versions=job.versions)  # fmt: skip
+                       resume_keys=job.resume_keys, versions=job.versions,
+                       provenance=job.provenance)  # fmt: skip
     ctx = _Ctx(job, io, engine, data, eval_data, state, dtype,
                flops_per_token(engine.module.config, job.seq_len))  # fmt: skip
     if not _maybe_resume(ctx):
         # Fresh run: advance DeepSpeed's scheduler from its pre-start state so step 1 runs at
         # warmup ratio 0/warmup (then 1/warmup, ...); a resume restores the scheduler instead.
         engine.lr_scheduler.step()
+    # After a resume, records of steps beyond the checkpoint describe discarded work.
+    trim_row_ids(Path(job.run_dir), io.rank, ctx.state.step)
     if io.rank == 0:
-        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-        _trim_metrics(Path(job.run_dir) / METRICS_NAME, ctx.state.step)
+        trim_jsonl(Path(job.run_dir) / METRICS_NAME, ctx.state.step)
+        _copy_tokenizer(job)
     ctx.last_log = (time.perf_counter(), ctx.state.step)
     return ctx
 
@@ -217,12 +238,29 @@ def _maybe_resume(ctx: _Ctx) -> bool:
             raise CheckpointError(f"{cand}: DeepSpeed found no engine state")
         load_rng(Path(cand), ctx.io.rank)
         ctx.state = saved
-        if skipped and ctx.io.rank == 0:
-            log.warning("resuming from %s; skipped: %s", cand, "; ".join(skipped))
+        if ctx.io.rank == 0:
+            _note_resume(ctx, Path(cand), skipped)
         return True
     if skipped:
         raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(skipped))
     return False
+
+
+def _note_resume(ctx: _Ctx, cand: Path, skipped: list[str]) -> None:
+    if skipped:
+        log.warning("resuming from %s; skipped: %s", cand, "; ".join(skipped))
+    append_event(Path(ctx.job.run_dir), "resume", step=ctx.state.step, checkpoint=str(cand),
+                 skipped=skipped)  # fmt: skip
+
+
+def _copy_tokenizer(job: WorkerJob) -> None:
+    """Rank 0, once per run: the run dir keeps its tokenizer, so export needs nothing else."""
+    src, dst = Path(job.datasets[0].tokenizer_path), Path(job.run_dir) / "tokenizer"
+    if dst.is_dir() or not src.is_dir():
+        return
+    tmp = dst.with_name(f".tokenizer.{os.getpid()}")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    tmp.rename(dst)  # atomic: a killed copy never looks complete
 
 
 # ---------------------------------------------------------------- step
@@ -265,6 +303,8 @@ def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
     ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
     ctx.micro_acc += len(micro_batches)
     ctx.state.step += 1
+    if ctx.job.record_row_ids:
+        append_row_ids(Path(ctx.job.run_dir), ctx.io.rank, ctx.state.step, micro_batches)
     ctx.state.tokens_seen += ctx.data.global_rows * ctx.job.seq_len
     ctx.state.loss_tokens_seen += int(loss_tokens)  # host sync; cheap next to a step
     ctx.state.epoch, ctx.state.step_in_epoch = divmod(ctx.state.step, ctx.data.steps_per_epoch)
@@ -307,15 +347,6 @@ def _write_metrics(ctx: _Ctx, row: dict[str, Any]) -> None:
     if ctx.io.rank == 0:
         with (Path(ctx.job.run_dir) / METRICS_NAME).open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """After a resume, drop rows for steps that will be trained again."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln)["step"] <= step]  # fmt: skip
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def _log_row(ctx: _Ctx) -> dict[str, Any]:
@@ -365,6 +396,8 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
         save_rng(tmp, ctx.io.rank)
         if ctx.io.rank == 0:
             write_state(tmp, ctx.state)
+            # The model's transformers config: export rebuilds the architecture from it.
+            ctx.engine.module.config.to_json_file(str(tmp / HF_CONFIG_NAME))
         write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
         ctx.io.report(metrics, tmp, ctx.state.step)
     finally:

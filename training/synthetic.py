@@ -24,10 +24,17 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": PAD, "<eos>": EOS, **{f"t{i}": i for i in range(2, vocab_size)}}
+    from data_pipelines.tokenizer_train import CHAT_TEMPLATE, END_OF_TURN
+
+    # The last id is the end-of-turn token, so the chat template (and an export's eos ids)
+    # work on this tokenizer too; documents may contain it, which does not matter for training.
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{f"t{i}": i for i in range(2, vocab_size - 1)},
+             END_OF_TURN: vocab_size - 1}  # fmt: skip
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=[END_OF_TURN])  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
 
 

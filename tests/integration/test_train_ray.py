@@ -98,18 +98,5 @@ def test_bad_config_fails_before_workers(prepared, tmp_path) -> None:
             plan_job(_cfg(prepared, tmp_path, "bad", *overrides))
 
 
-@pytest.mark.timeout(400)
-def test_zero3_two_workers_match_zero0_one_worker(ray_local, prepared, tmp_path) -> None:
-    """Same seed, data and global batch: fp32 losses agree to 1e-5 relative over 4 steps."""
-    common = ("train.max_steps=4", "train.checkpoint_every=100", "train.eval_batches=1")
-    ref = _cfg(
-        prepared, tmp_path, "ref", "deepspeed.zero_stage=0", "scaling.num_workers=1", *common
-    )
-    z3 = _cfg(prepared, tmp_path, "z3", "deepspeed.zero_stage=3", *common)
-    train(ref)
-    train(z3)
-    ref_loss = [r["loss"] for r in _metrics(ref)]
-    z3_loss = [r["loss"] for r in _metrics(z3)]
-    assert len(ref_loss) == len(z3_loss) == 4
-    assert z3_loss == pytest.approx(ref_loss, rel=1e-5)
-    assert ref_loss[-1] < ref_loss[0]  # it trained (a frozen model would also "match")
+# ZeRO-3 vs ZeRO-0 numerics, ZeRO-3 partitioning, fault injection, resume and export:
+# tests/integration/test_train_resume.py.

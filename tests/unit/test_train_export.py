@@ -1,0 +1,132 @@
+"""`raylm export` on checkpoints of the Ray-free loop (one process, gloo): files, numerics, errors.
+
+The exported model's held-out loss must equal the eval loss the DeepSpeed engine reported at the
+checkpoint's step (same validation micro-batches, fp32): any wrong, missing or transposed weight
+would move it far beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.batch import document_causal_mask, loss_targets, token_loss
+from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from training.data import dataset_info, validation_batches
+from training.errors import CheckpointError
+from training.export import PROVENANCE_NAME, export, find_checkpoint
+from training.loop import WorkerIO, WorkerJob, run_worker
+from training.synthetic import write_synthetic_dataset
+
+SEQ, VOCAB = 32, 64
+
+
+def exported_eval_loss(out: Path, datasets: list, world_size: int, micro_batch: int,
+                       eval_batches: int, pad_id: int) -> float:  # fmt: skip
+    """Held-out loss of an export over the batches every rank evaluated (as the loop does)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    total = count = 0.0
+    for rank in range(world_size):
+        for mb in validation_batches(datasets, micro_batch, world_size, rank, eval_batches):
+            ids = torch.from_numpy(mb["input_ids"]).long()
+            pos = torch.from_numpy(mb["position_ids"]).long()
+            mask = document_causal_mask(pos, torch.float32)
+            with torch.no_grad():
+                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+            s, n = token_loss(logits, loss_targets(ids, pos, pad_id))
+            total, count = total + float(s), count + float(n)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    ds = write_synthetic_dataset(root / "ds", train_rows=32, validation_rows=8, seq_len=SEQ,
+                                 vocab_size=VOCAB)  # fmt: skip
+    train = TrainConfig(global_batch_tokens=SEQ * 8, micro_batch_size=4, log_every=1, lr=3e-3,
+                        warmup_steps=0, checkpoint_every=2, max_steps=3)  # fmt: skip
+    job = WorkerJob(model=ModelConfig(), train=train, deepspeed=DeepSpeedConfig(zero_stage=3),
+                    seed=0, run_dir=str(root / "run"), datasets=[dataset_info(str(ds))],
+                    weights=[1.0], seq_len=SEQ, vocab_size=VOCAB, pad_id=0, total_steps=3,
+                    config_hash="test", provenance={"seed": 0, "git_commit": "abc"})  # fmt: skip
+    kept: list[Path] = []
+
+    def report(metrics, checkpoint_dir, step):  # keep checkpoints as Ray would
+        if checkpoint_dir is not None:
+            kept.append(root / "run" / f"checkpoint_{step:08d}")
+            shutil.copytree(checkpoint_dir, kept[-1], dirs_exist_ok=True)
+
+    run_worker(job, WorkerIO(0, 1, report))
+    assert [p.name for p in kept] == ["checkpoint_00000002", "checkpoint_00000003"]
+    return root / "run"
+
+
+def test_export_zero3_round_trip(run, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    out = export(run, tmp_path / "hf")
+    assert (out / "model.safetensors").is_file()
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["torch_dtype"] == "float32" and conf["tie_word_embeddings"] is True
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    infos = [dataset_info(str(run.parent / "ds"))]
+    got = exported_eval_loss(out, infos, 1, 4, TrainConfig().eval_batches, pad_id=0)
+    assert rows[-1]["step"] == 3 and got == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "t5 t6"}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    assert text.endswith("<|assistant|>\n") and "<|end|>" in text
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == [1, VOCAB - 1]  # <eos> and <|end|>
+    prov = json.loads((out / PROVENANCE_NAME).read_text())
+    assert prov["step"] == 3 and prov["seed"] == 0 and prov["train_git_commit"] == "abc"
+    assert prov["config_hash"] == "test" and "torch" in prov["export_versions"]
+
+
+def test_export_bf16_and_truncated_latest_falls_back(run, tmp_path, caplog) -> None:
+    from safetensors import safe_open
+
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    victim = next((bad / "checkpoint_00000003").rglob("*model_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:64])
+    with caplog.at_level("WARNING", logger="training.export"):
+        ckpt, state = find_checkpoint(bad)
+    assert ckpt.name == "checkpoint_00000002" and state.step == 2
+    assert "checkpoint_00000003" in caplog.text and "checkpoint_00000002" in caplog.text
+    out = export(bad, tmp_path / "hf16", dtype="bf16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    assert "lm_head.weight" not in names  # tied: stored once
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / PROVENANCE_NAME).read_text())["step"] == 2
+
+
+def test_export_errors_name_the_problem(run, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no such run"):
+        export(tmp_path / "missing", tmp_path / "o")
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        export(tmp_path, tmp_path / "o")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a raylm export"):
+        export(run, tmp_path / "busy")
+    with pytest.raises(ValueError, match="--dtype"):
+        export(run, tmp_path / "o", dtype="int8")
+
+
+def test_cli_export(run, tmp_path, capsys) -> None:
+    from cluster.cli import main
+
+    assert main(["export", str(run / "checkpoint_00000002"), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / PROVENANCE_NAME).read_text())["step"] == 2
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 1
+    assert "no such run" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""``raylm report RUN_DIR``: PNG curves from ``metrics.jsonl`` and a one-screen text summary.
+
+Reads only the run dir (no Ray, no torch), so it runs on a laptop against a synced run dir.
+Plots go to ``RUN_DIR/plots/``: ``loss.png`` (train and eval loss), ``lr.png``,
+``tokens_per_s.png`` and, when the run evaluated, ``eval.png`` (eval loss and perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.records import METRICS_NAME, read_events
+
+__all__ = ["Report", "read_metrics", "report", "summarize"]
+
+
+@dataclass
+class Report:
+    plots: list[Path]
+    summary: str
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl`` by step; a malformed line is an error naming file:line."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a `raylm train` run dir?)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: not a metrics row ({exc})") from None
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows that have a finite number under ``key``."""
+    pts = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), int | float)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(path: Path, title: str, curves: list[tuple[str, list[int], list[float]]],
+          log_y: bool = False) -> Path | None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    ax.set(title=title, xlabel="step")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    s = {k: _series(rows, k) for k in ("loss", "eval_loss", "lr", "tokens_per_s", "perplexity")}
+    made = [
+        _plot(out / "loss.png", "loss", [("train", *s["loss"]), ("eval", *s["eval_loss"])]),
+        _plot(out / "lr.png", "learning rate", [("lr", *s["lr"])]),
+        _plot(
+            out / "tokens_per_s.png", "tokens/s (all ranks)", [("tokens/s", *s["tokens_per_s"])]
+        ),  # fmt: skip
+        _plot(
+            out / "eval.png",
+            "held-out eval",
+            [("eval loss", *s["eval_loss"]), ("perplexity", *s["perplexity"])],
+            log_y=True,
+        ),  # fmt: skip
+    ]
+    return [p for p in made if p is not None]
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summarize(run_dir: str | Path, rows: list[dict[str, Any]]) -> str:
+    """At most ~12 lines: where the run stands and how it went."""
+    last = rows[-1]
+    _, losses = _series(rows, "loss")
+    ev_steps, ev = _series(rows, "eval_loss")
+    _, tps = _series(rows, "tokens_per_s")
+    resumes = [e for e in read_events(run_dir) if e.get("event") == "resume"]
+    ckpts = sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    lines = [
+        f"run          {Path(run_dir).resolve()}",
+        f"steps        {last['step']} logged, {len(rows)} rows; tokens seen "
+        f"{_fmt(last.get('tokens_seen'), ',')}",
+        f"train loss   first {_fmt(losses[0] if losses else None)}  last "
+        f"{_fmt(losses[-1] if losses else None)}  min {_fmt(min(losses) if losses else None)}",
+    ]
+    if ev:
+        best = min(range(len(ev)), key=ev.__getitem__)
+        lines.append(f"eval loss    last {_fmt(ev[-1])} (ppl {_fmt(math.exp(min(ev[-1], 50.0)))})  "
+                     f"best {_fmt(ev[best])} at step {ev_steps[best]}")  # fmt: skip
+    if tps:
+        lines.append(f"tokens/s     median {_fmt(statistics.median(tps), ',.0f')}  "
+                     f"last {_fmt(tps[-1], ',.0f')}")  # fmt: skip
+    lines += [
+        f"lr           last {_fmt(last.get('lr'))}   grad norm last {_fmt(last.get('grad_norm'))}"
+        + (f"   mfu last {_fmt(last['mfu'], '.2%')}" if last.get("mfu") is not None else ""),
+        f"resumes      {len(resumes)}"
+        + "".join(f"; step {e['step']} from {Path(e['checkpoint']).name}" for e in resumes[-3:]),
+        f"checkpoints  {', '.join(ckpts) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def report(run_dir: str | Path) -> Report:
+    """Write the plots under ``run_dir/plots`` and return them with the summary text."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{Path(run_dir) / METRICS_NAME}: empty (no step logged yet)")
+    return Report(plots=_plots(rows, Path(run_dir) / "plots"), summary=summarize(run_dir, rows))
