@@ -116,6 +116,12 @@ class DataConfig(_Section):
         "or read tasks starve.",
     )
     batch_size: int = Field(512, ge=1, description="Documents per tokenize call and output chunk.")
+    object_store_mb: int | None = Field(
+        512,
+        ge=64,
+        description="Cap on object-store memory for this job's in-flight blocks, in MB; keeps "
+        "memory flat as the corpus grows. None: Ray Data's default budget.",
+    )
     block_size_mb: int | None = Field(
         16,
         ge=1,

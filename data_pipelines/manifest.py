@@ -38,6 +38,7 @@ _OUTPUT_NEUTRAL = {
     "actor_cpus",
     "batch_size",
     "block_size_mb",
+    "object_store_mb",
 }
 
 

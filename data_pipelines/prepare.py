@@ -184,10 +184,18 @@ class _scoped_data_context:
         opts = ctx.execution_options
         self.saved = (
             opts.preserve_order,
+            opts.resource_limits,
             ctx.target_max_block_size,
             ctx.raise_original_map_exception,
         )
         opts.preserve_order = True
+        if self.cfg.object_store_mb:
+            from ray.data import ExecutionResources
+
+            # Bounds in-flight blocks, so memory stays flat however large the corpus.
+            opts.resource_limits = ExecutionResources.for_limits(
+                object_store_memory=self.cfg.object_store_mb * 2**20
+            )
         # Let a DataError (strict mode, bad shard) reach the driver as itself, not as a wrapper.
         ctx.raise_original_map_exception = True
         if self.cfg.block_size_mb:
@@ -200,6 +208,7 @@ class _scoped_data_context:
         ctx = DataContext.get_current()
         (
             ctx.execution_options.preserve_order,
+            ctx.execution_options.resource_limits,
             ctx.target_max_block_size,
             ctx.raise_original_map_exception,
         ) = self.saved
