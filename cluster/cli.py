@@ -17,8 +17,6 @@ __all__ = ["main", "build_parser"]
 
 PLANNED = {
     "train": "pretraining and fine-tuning with Ray Train + DeepSpeed",
-    "report": "plots of a run's metrics",
-    "export": "consolidated Hugging Face export",
     "eval": "perplexity and task scores",
     "serve": "the OpenAI-compatible Ray Serve endpoint",
     "doctor": "cluster preflight checks",
@@ -102,6 +100,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.ray_env import ray_session
+    from serving.deployment import serve_forever
+
+    if not cfg.serve.models:
+        raise ConfigError("serve.models: list at least one {name, path} to serve")
+    with ray_session(cfg.ray):
+        serve_forever(cfg.serve)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from training.report import report
+
+    try:
+        result = report(args.run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"raylm report: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary)
+    print("plots: " + ", ".join(str(p) for p in result.plots))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.errors import CheckpointError
+    from training.export import export
+
+    try:
+        out = export(args.run_or_checkpoint, args.out, dtype=args.dtype)
+    except (CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"raylm export: {exc}", file=sys.stderr)
+        return 1
+    print(f"raylm export: wrote {out}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from cluster.quickstart import run_quickstart
 
@@ -153,17 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    for name in ("eval", "serve"):
+    for name in ("eval",):
         p = sub.add_parser(name, help=f"{PLANNED[name]} (not built yet)")
         _add_config_args(p)
         p.set_defaults(func=_planned(name))
-    p = sub.add_parser("report", help=f"{PLANNED['report']} (not built yet)")
-    p.add_argument("run_dir")
-    p.set_defaults(func=_planned("report"))
-    p = sub.add_parser("export", help=f"{PLANNED['export']} (not built yet)")
-    p.add_argument("run_or_checkpoint")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_planned("export"))
+    p = sub.add_parser("serve", help=PLANNED["serve"] + "; blocks and prints the URL")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_serve)
+    p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl")
+    p.add_argument("run_dir", help="a `raylm train` run dir (storage_path/name)")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("export", help="consolidated Hugging Face dir from a run or checkpoint")
+    p.add_argument("run_or_checkpoint", help="run dir (newest intact checkpoint) or checkpoint dir")
+    p.add_argument("--out", required=True, help="output dir (replaced if it is a raylm export)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="weight dtype in model.safetensors (default fp32)")  # fmt: skip
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("doctor", help=f"{PLANNED['doctor']} (not built yet)")
     p.add_argument("--address")
     p.set_defaults(func=_planned("doctor"))

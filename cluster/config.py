@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipelines.config import DataConfig, TokenizerConfig
+from serving.config import ServeConfig
 from training.config import DeepSpeedConfig, ModelConfig, ScalingConfig, TrainConfig
 
 __all__ = [
@@ -63,6 +64,7 @@ class RaylmConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 def _parse_value(raw: str) -> Any:

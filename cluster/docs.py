@@ -1,7 +1,7 @@
 """The config reference in README.md, generated from the schema so the two cannot drift.
 
-    python -m cluster.docs            # print the reference
-    python -m cluster.docs --write    # rewrite the README section between the markers
+python -m cluster.docs            # print the reference
+python -m cluster.docs --write    # rewrite the README section between the markers
 """
 
 from __future__ import annotations

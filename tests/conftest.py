@@ -93,3 +93,50 @@ def prepared_sft(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
         validation_fraction=0.1,
         sft={"pack": True},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(synth_corpus, tmp_path_factory):
+    """A tiny random-init Llama + its tokenizer in one HF dir (safetensors), for serving tests.
+
+    The tokenizer is trained in-process with `build_tokenizer` (no Ray), so engine and HTTP unit tests
+    stay Ray-free. generation_config stops at both eos and the end-of-turn token, like an export.
+    """
+    import json
+
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from data_pipelines.tokenizer_train import BOS, END_OF_TURN, EOS, PAD, build_tokenizer
+
+    texts = [
+        json.loads(line)["text"]
+        for shard in sorted((synth_corpus / "pretrain").glob("*.jsonl"))
+        for line in shard.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    tok = build_tokenizer(iter(texts), vocab_size=512, min_frequency=2, max_length=256)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD, END_OF_TURN)}
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large random weights: prompt-dependent, non-degenerate greedy text
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[END_OF_TURN]], pad_token_id=ids[PAD]
+    )
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out

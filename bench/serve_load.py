@@ -1,0 +1,338 @@
+"""Serving benchmark: the Ray Serve endpoint against the engine called directly and against sequential
+`transformers.generate`, on the same model, prompts and thread count, in one run.
+
+At each concurrency level (default 1, 8, 16, 32) it reports requests/s, output tokens/s, time to first
+token and end-to-end latency (p50/p99) for:
+
+- ``serve``  : streaming POST /v1/completions over HTTP on 127.0.0.1 through Ray Serve's proxy;
+- ``engine`` : ``Engine.submit`` in this process (no HTTP, no Ray): Serve's added cost is the gap;
+- ``hf-seq`` : ``model.generate`` one request after another (batching gain is engine or serve / this).
+
+Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``) with greedy decoding.
+
+    python bench/serve_load.py                           # small random Llama built on the fly
+    python bench/serve_load.py --model runs/quickstart/export --levels 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+OUT = Path(__file__).resolve().parent / "out" / "serve"
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    e2e_s: float
+    tokens: int
+
+
+def make_model(hidden: int, layers: int) -> Path:
+    """A random-init Llama + BPE tokenizer trained on the synthetic corpus (cached under bench/out)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from data_pipelines.synth import write_corpus
+    from data_pipelines.tokenizer_train import EOS, PAD, build_tokenizer
+
+    out = OUT / f"model-h{hidden}-l{layers}"
+    if (out / "config.json").is_file():
+        return out
+    corpus = OUT / "corpus"
+    write_corpus(str(corpus), docs=500, seed=0, shards=1)
+    texts = [
+        json.loads(line)["text"]
+        for line in (corpus / "pretrain" / "shard-00000.jsonl").read_text().splitlines()
+    ]
+    tok = build_tokenizer(iter(texts), vocab_size=2048, min_frequency=2, max_length=1024)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    eos, pad = tok.convert_tokens_to_ids(EOS), tok.convert_tokens_to_ids(PAD)
+    model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=pad)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def make_prompts(n: int) -> list[str]:
+    base = [
+        "Ben was a librarian in the town of Oakvale. He had a parrot named",
+        "Review: I watched Burning Garden on a rainy Sunday. I would happily",
+        "Facts: Leo's favorite color is black. David lives in Northgate. Question:",
+        "Rewrite in Zorbish: the teacher walks behind every red small ball",
+    ]
+    return [f"{base[i % len(base)]} {i}" for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summarize(samples: list[Sample], wall_s: float) -> dict[str, float]:
+    ttft = [s.ttft_s * 1e3 for s in samples]
+    e2e = [s.e2e_s * 1e3 for s in samples]
+    return {
+        "req_s": len(samples) / wall_s,
+        "tok_s": sum(s.tokens for s in samples) / wall_s,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": pct(ttft, 0.99),
+        "e2e_p50": statistics.median(e2e),
+        "e2e_p99": pct(e2e, 0.99),
+    }
+
+
+async def run_level(
+    one: Callable[[int], Awaitable[Sample]], requests: int, concurrency: int
+) -> dict[str, float]:
+    """``requests`` calls of ``one(i)``, at most ``concurrency`` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(i: int) -> Sample:
+        async with gate:
+            return await one(i)
+
+    t0 = time.perf_counter()
+    samples = await asyncio.gather(*(gated(i) for i in range(requests)))
+    return summarize(list(samples), time.perf_counter() - t0)
+
+
+def engine_caller(
+    engine, prompts: list[str], max_tokens: int
+) -> Callable[[int], Awaitable[Sample]]:
+    from serving.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    async def one(i: int) -> Sample:
+        t0 = time.perf_counter()
+        first, n = None, 0
+        async for ev in engine.submit(ids[i % len(ids)], params):
+            first = first or time.perf_counter()
+            n += len(ev.token_ids)
+        return Sample(first - t0, time.perf_counter() - t0, n)
+
+    return one
+
+
+def http_caller(client, url: str, model: str, prompts: list[str], max_tokens: int):
+    """Streaming completions; TTFT = first SSE chunk carrying a choice, tokens from usage."""
+
+    async def one(i: int) -> Sample:
+        body = {
+            "model": model,
+            "prompt": prompts[i % len(prompts)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        t0 = time.perf_counter()
+        first, n = None, 0
+        async with client.stream("POST", url + "/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    first = first or time.perf_counter()
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+        return Sample(first - t0, time.perf_counter() - t0, n)
+
+    return one
+
+
+def json_caller(client, url: str, model: str, prompts: list[str], max_tokens: int):
+    """Non-streaming completions: one Serve hop per request (TTFT = end-to-end)."""
+
+    async def one(i: int) -> Sample:
+        body = {
+            "model": model,
+            "prompt": prompts[i % len(prompts)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        t0 = time.perf_counter()
+        r = await client.post(url + "/completions", json=body)
+        r.raise_for_status()
+        dt = time.perf_counter() - t0
+        return Sample(dt, dt, r.json()["usage"]["completion_tokens"])
+
+    return one
+
+
+def hf_sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """One request at a time through model.generate (no batching): the baseline for batching gain."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    samples = []
+    t_all = time.perf_counter()
+    for p in prompts:
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+        )
+        dt = time.perf_counter() - t0
+        samples.append(Sample(float("nan"), dt, out.shape[1] - ids.shape[1]))
+    return summarize(samples, time.perf_counter() - t_all)
+
+
+async def engine_levels(model_dir, prompts, args) -> dict[int, dict[str, float]]:
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+
+    cfg = EngineConfig(max_num_seqs=max(args.levels), torch_threads=args.threads)
+    engine = await asyncio.to_thread(Engine, model_dir, cfg)
+    try:
+        one = engine_caller(engine, prompts, args.max_tokens)
+        await run_level(one, 2, 1)  # warm-up
+        return {c: await run_level(one, max(args.requests, 2 * c), c) for c in args.levels}
+    finally:
+        engine.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _http_levels(url: str, prompts, args) -> dict[int, dict[str, float]]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(args.levels) + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        one = http_caller(client, url, "bench", prompts, args.max_tokens)
+        await run_level(one, 2, 1)  # warm-up (connection pool, proxy routes)
+        out = {c: await run_level(one, max(args.requests, 2 * c), c) for c in args.levels}
+        plain = json_caller(client, url, "bench", prompts, args.max_tokens)
+        out[0] = await run_level(plain, args.requests, 1)  # key 0: non-streaming at c=1
+        return out
+
+
+def serve_levels(model_dir, prompts, args) -> dict[int, dict[str, float]]:
+    import ray
+    from ray import serve
+
+    from serving.config import ServeConfig
+    from serving.deployment import start
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = ServeConfig(
+            models=[{"name": "bench", "path": str(model_dir)}],
+            port=free_port(),
+            num_cpus=args.threads,
+            engine={"torch_threads": args.threads, "max_num_seqs": max(args.levels)},
+            autoscaling={"min_replicas": 1, "max_replicas": 1},
+        )
+        url = start(cfg)
+        return asyncio.run(_http_levels(url, prompts, args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def print_table(rows: list[tuple[str, int, dict[str, float]]]) -> None:
+    head = f"{'mode':8} {'conc':>4} {'req/s':>8} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'e2e p50':>9} {'e2e p99':>9}"
+    print(head + "   (latencies in ms)")
+    for mode, c, r in rows:
+        print(
+            f"{mode:8} {c:>4} {r['req_s']:8.2f} {r['tok_s']:9.1f} {r['ttft_p50']:9.1f} "
+            f"{r['ttft_p99']:9.1f} {r['e2e_p50']:9.1f} {r['e2e_p99']:9.1f}"
+        )
+
+
+def print_ratios(hf: dict, eng: dict, srv: dict, levels: list[int]) -> None:
+    if 1 in levels and srv:
+        print(
+            f"serve added latency at c=1 (streamed): e2e p50 "
+            f"{srv[1]['e2e_p50'] - eng[1]['e2e_p50']:+.1f} ms, TTFT p50 "
+            f"{srv[1]['ttft_p50'] - eng[1]['ttft_p50']:+.1f} ms (aim <= 5)"
+        )
+        print(
+            f"serve added latency at c=1 (non-streamed): e2e p50 "
+            f"{srv[0]['e2e_p50'] - eng[1]['e2e_p50']:+.1f} ms (aim <= 3)"
+        )
+    for c in levels:
+        line = f"batching gain at c={c}: engine {eng[c]['tok_s'] / hf['tok_s']:.1f}x"
+        if srv:
+            line += f", serve {srv[c]['tok_s'] / hf['tok_s']:.1f}x"
+        print(
+            line + " output tokens/s over sequential generate" + (" (aim >= 6x)" if c == 16 else "")
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="exported HF dir (default: a random Llama built here)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the built model")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the built model")
+    ap.add_argument("--levels", default="1,8,16,32", help="concurrency levels")
+    ap.add_argument("--requests", type=int, default=16, help="requests per level (>= 2 x level)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    # More torch threads than free cores is catastrophic next to Ray's own processes (OpenMP
+    # barriers spin while a thread is descheduled): on a 2-core box keep 1.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on every side")
+    ap.add_argument("--hf-requests", type=int, default=4, help="sequential generate() calls")
+    ap.add_argument("--skip-serve", action="store_true", help="engine and generate only")
+    args = ap.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else make_model(args.hidden, args.layers)
+    prompts = make_prompts(64)
+    hf = hf_sequential(model_dir, prompts[: args.hf_requests], args.max_tokens)
+    eng = asyncio.run(engine_levels(model_dir, prompts, args))
+    srv = {} if args.skip_serve else serve_levels(model_dir, prompts, args)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")
+    print(f"model: {model_dir}, {args.max_tokens} output tokens per request, greedy")
+    rows = [("hf-seq", 1, hf)]
+    rows += [("engine", c, eng[c]) for c in args.levels]
+    rows += [("serve", c, srv[c]) for c in args.levels if c in srv]
+    if 0 in srv:
+        rows.append(("serve-js", 1, srv[0]))
+    print_table(rows)
+    print_ratios(hf, eng, srv, args.levels)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Config section owned by the serving stage: ``serve`` (engine budgets, HTTP layer, Serve deployment)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["AutoscalingSection", "EngineConfig", "ModelEntry", "ServeConfig"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Section):
+    """Budgets of the built-in continuous-batching engine (one per replica)."""
+
+    max_num_seqs: int = Field(
+        16, ge=1, description="Most sequences decoding together in one batch (running slots)."
+    )
+    max_batched_tokens: int = Field(
+        2048,
+        ge=16,
+        description="Most tokens (padded prompt tokens of a prefill batch) in one forward pass.",
+    )
+    max_waiting: int = Field(
+        64, ge=0, description="Bounded queue of admitted-but-not-running requests; beyond it: 503."
+    )
+    max_model_len: int | None = Field(
+        None, ge=8, description="Context length; unset: the model's max_position_embeddings."
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request leaves it unset (capped by the context)."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="A request still generating after this long ends with an error."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto: float32 on CPU, bfloat16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; unset: the replica's CPU count."
+    )
+    warmup: bool = Field(True, description="Run one short generation before reporting healthy.")
+
+
+class ModelEntry(_Section):
+    name: str = Field(..., min_length=1, description="The `model` field clients send.")
+    path: str = Field(..., min_length=1, description="Exported HF model dir (safetensors).")
+    adapter: str | None = Field(
+        None, description="PEFT LoRA dir over `path`, merged at load (one copy per adapter)."
+    )
+
+
+class AutoscalingSection(_Section):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, description="Replica ceiling under load.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Sustained load before adding.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Sustained idle before removing.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window averaged for decisions.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSection:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+
+class ServeConfig(_Section):
+    """``raylm serve``: an OpenAI-compatible, autoscaled Ray Serve app over exported HF dirs."""
+
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="Models served behind one endpoint; the first is the default.",
+    )
+    app_name: str = Field("raylm", description="Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the app.")
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to expose).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Serve's per-replica cap; unset: engine slots + waiting queue + 8, so the "
+        "engine answers overload with an OpenAI error before Serve's plain 503.",
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Serve router queue per deployment (-1: unbounded)."
+    )
+    max_models_per_replica: int = Field(
+        2, ge=1, description="LRU of loaded models per replica when several are served."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    api_keys_env: str | None = Field(
+        None, description="Env var holding comma-separated API keys; unset/empty: no auth."
+    )
+    api_keys_file: str | None = Field(
+        None, description="File with one API key per line (# comments allowed)."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies: 413.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="In-flight requests get this long to finish on shutdown."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header on overload answers.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeConfig:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"models: duplicate names in {names}")
+        return self
+
+    def resolved_max_ongoing(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return self.engine.max_num_seqs + self.engine.max_waiting + 8

@@ -1,0 +1,528 @@
+"""The OpenAI-compatible HTTP layer: a FastAPI app factory over one or more backends.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with
+``stream: true``), ``GET /healthz``. Every failure is an OpenAI error object; bad input is a 4xx,
+overload a 503 with ``Retry-After``, and an error after a stream started is sent as an error event.
+Bodies are parsed by hand (not by FastAPI) so malformed JSON and wrong types never become a 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.backend import (
+    Backend,
+    EngineOverloaded,
+    EngineShutdown,
+    GenerationStream,
+    RequestTimeout,
+    TokenEvent,
+    Usage,
+    merge_events,
+)
+from serving.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    collect_events,
+    completion_logprobs,
+    envelope,
+    new_id,
+    parse_request,
+    sampling_params,
+    sse,
+)
+
+__all__ = ["ApiSettings", "ModelProvider", "StaticModels", "build_openai_app", "load_api_keys"]
+
+log = logging.getLogger("raylm.serving.api")
+
+# Tokens that end an assistant turn in common chat templates; used as stop ids for chat requests
+# when the tokenizer knows them (the export also lists its end-of-turn id in generation_config).
+END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
+
+
+class ModelProvider(Protocol):
+    """Names the served models and hands out a ready backend for one of them."""
+
+    def model_names(self) -> list[str]: ...
+
+    async def get(self, name: str) -> Backend: ...
+
+    def is_ready(self) -> bool: ...
+
+
+class StaticModels:
+    """Backends already loaded in this process, by name."""
+
+    def __init__(self, backends: dict[str, Backend]) -> None:
+        self._backends = dict(backends)
+
+    def model_names(self) -> list[str]:
+        return list(self._backends)
+
+    async def get(self, name: str) -> Backend:
+        return self._backends[name]
+
+    def is_ready(self) -> bool:
+        return bool(self._backends) and all(b.is_ready() for b in self._backends.values())
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1_000_000
+    retry_after_s: int = 1
+
+
+def load_api_keys(env_var: str | None, file: str | None) -> tuple[str, ...]:
+    """Keys from a comma-separated env var and/or a file (one per line, ``#`` comments)."""
+    keys: list[str] = []
+    if env_var and os.environ.get(env_var):
+        keys += [k.strip() for k in os.environ[env_var].split(",")]
+    if file:
+        for line in Path(file).read_text(encoding="utf-8").splitlines():
+            keys.append(line.split("#", 1)[0].strip())
+    return tuple(k for k in keys if k)
+
+
+def _key_ok(header: str | None, keys: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every key (no early exit on the first match)."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    # Compare fixed-length digests so neither the key nor its length leaks through timing.
+    given = hashlib.sha256(token.strip().encode()).digest()
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, hashlib.sha256(k.encode()).digest())
+    return ok
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(APIError(400, f"Invalid request: {exc.errors()[:1]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(APIError(500, "Internal server error.", type="server_error"))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 once it passes ``limit`` bytes (checked before and while reading)."""
+    too_big = APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorize(request: Request, settings: ApiSettings) -> None:
+    if settings.api_keys and not _key_ok(request.headers.get("authorization"), settings.api_keys):
+        raise APIError(
+            401,
+            "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def _backend_for(provider: ModelProvider, name: str) -> Backend:
+    if name not in provider.model_names():
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist; served: {', '.join(provider.model_names())}.",
+            param="model",
+            code="model_not_found",
+        )
+    return await provider.get(name)
+
+
+def _budget(backend: Backend, prompt_len: int, requested: int | None, prompt_param: str) -> int:
+    """max_tokens for one prompt: the request's, else the default capped by the context."""
+    ctx = backend.max_model_len
+    if prompt_len >= ctx:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len}.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return min(backend.default_max_tokens, ctx - prompt_len)
+    if prompt_len + requested > ctx:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len} "
+            f"and max_tokens asks for {requested} more.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> token id lists (each non-empty)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "'prompt' must not be empty.", param="prompt")
+    vocab = len(tokenizer)
+    out = []
+    for p in prompt:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else p
+        if not ids and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id]  # an empty prompt conditions on the start token
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise APIError(
+                400, f"'prompt' must be non-empty with token ids in [0, {vocab}).", param="prompt"
+            )
+        out.append(list(ids))
+    return out
+
+
+def _chat_prompt(tokenizer: Any, req: ChatRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400, "This model has no chat template; use /v1/completions.", param="messages"
+        )
+    msgs = [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content
+            if isinstance(m.content, str)
+            else "".join(p.text for p in m.content),
+        }
+        for m in req.messages
+    ]
+    try:
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template may reject a role order; that is the request's fault
+        raise APIError(
+            400, f"The chat template rejected the messages: {exc}", param="messages"
+        ) from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    return tuple(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+
+
+def _submit_all(
+    backend: Backend, jobs: list[tuple[list[int], Any]], settings: ApiSettings
+) -> list[GenerationStream]:
+    """Submit every (prompt ids, SamplingParams); all or nothing, so overload rejects the request."""
+    streams: list[GenerationStream] = []
+    try:
+        for ids, params in jobs:
+            streams.append(backend.submit(ids, params))
+    except BaseException as exc:
+        for s in streams:
+            s.cancel()
+        if isinstance(exc, EngineOverloaded | EngineShutdown):
+            raise APIError(
+                503,
+                f"The server is overloaded; retry shortly. ({exc})",
+                type="server_error",
+                code="overloaded",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
+        if isinstance(exc, ValueError):
+            raise APIError(400, str(exc), param="prompt") from None
+        raise
+    return streams
+
+
+def _engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), type="timeout_error", code="timeout")
+    if isinstance(exc, EngineShutdown):
+        return APIError(503, str(exc), type="server_error", code="shutting_down")
+    if isinstance(exc, APIError):
+        return exc
+    log.error("generation failed: %r", exc)
+    return APIError(500, f"Generation failed: {exc}", type="server_error")
+
+
+async def _drain_all(request: Request, streams: list[GenerationStream]) -> list[list[TokenEvent]]:
+    """Every stream's events; a client that goes away cancels them (frees engine slots)."""
+
+    async def drain(s: GenerationStream) -> list[TokenEvent]:
+        return [ev async for ev in s]
+
+    task = asyncio.ensure_future(asyncio.gather(*(drain(s) for s in streams)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected", code="client_closed_request")
+    except (APIError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        raise _engine_error(exc) from None
+    finally:
+        task.cancel()
+        for s in streams:
+            s.cancel()
+
+
+async def _merge(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) in arrival order across streams; the first error is raised."""
+    if len(streams) == 1:
+        # Coalesce what is already queued into one frame: no timer, so the first token is never
+        # delayed, but a consumer slower than the engine sends fewer, larger frames.
+        ready = getattr(streams[0], "ready", None)
+        async for ev in streams[0]:
+            yield 0, merge_events([ev, *ready()]) if ready is not None else ev
+        return
+    q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, s: GenerationStream) -> None:
+        try:
+            async for ev in s:
+                q.put_nowait((i, ev))
+        except Exception as exc:
+            q.put_nowait((i, exc))
+        q.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse_events(
+    streams: list[GenerationStream],
+    preamble: list[dict],
+    chunk: Callable[[int, TokenEvent], dict | None],
+    usage_chunk: Callable[[int], dict] | None,
+) -> AsyncIterator[str]:
+    """SSE frames: preamble, one chunk per event, optional usage chunk, ``[DONE]``.
+
+    An engine error mid-stream becomes an error event followed by ``[DONE]``; a client disconnect
+    closes this generator, which cancels the streams.
+    """
+    completion_tokens = 0
+    try:
+        for p in preamble:
+            yield sse(p)
+        async for i, ev in _merge(streams):
+            if ev.usage is not None:
+                completion_tokens += ev.usage.completion_tokens
+            frame = chunk(i, ev)
+            if frame is not None:
+                yield sse(frame)
+        if usage_chunk is not None:
+            yield sse(usage_chunk(completion_tokens))
+        yield sse("[DONE]")
+    except Exception as exc:
+        yield sse(_engine_error(exc).body())
+        yield sse("[DONE]")
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+def _streaming_response(frames: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        frames,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _completions(
+    request: Request, req: CompletionRequest, provider: ModelProvider, settings: ApiSettings
+) -> Any:
+    backend = await _backend_for(provider, req.model)
+    tok = backend.tokenizer
+    prompts = _completion_prompts(tok, req.prompt)
+    jobs = []
+    for ids in prompts:
+        max_tokens = _budget(backend, len(ids), req.max_tokens, "prompt")
+        jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j)) for j in range(req.n)]
+    streams = _submit_all(backend, jobs, settings)
+    rid, prompt_tokens = new_id("cmpl"), sum(len(p) for p in prompts)
+    if req.stream:
+        offsets = [0] * len(streams)
+
+        def chunk(i: int, ev: TokenEvent) -> dict | None:
+            if not ev.text and ev.finish_reason is None and not ev.logprobs:
+                return None
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(tok, list(ev.logprobs), offsets[i])
+            offsets[i] += len(ev.text)
+            c = {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
+            return envelope("text_completion", rid, req.model, [c], None, _wants_usage(req))
+
+        usage_chunk = _usage_chunk("text_completion", rid, req, prompt_tokens)
+        return _streaming_response(_sse_events(streams, [], chunk, usage_chunk))
+    results = await _drain_all(request, streams)
+    choices, completion_tokens = [], 0
+    for i, events in enumerate(results):
+        text, lps, finish, usage = collect_events(events)
+        completion_tokens += usage.completion_tokens
+        lp = completion_logprobs(tok, lps, 0) if req.logprobs is not None else None
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+    return _json_result(
+        "text_completion", rid, req.model, choices, prompt_tokens, completion_tokens
+    )
+
+
+def _wants_usage(req: Any) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _usage_chunk(kind: str, rid: str, req: Any, prompt_tokens: int) -> Callable[[int], dict] | None:
+    if not _wants_usage(req):
+        return None
+    return lambda completion: envelope(kind, rid, req.model, [], Usage(prompt_tokens, completion))
+
+
+def _json_result(
+    kind: str, rid: str, model: str, choices: list[dict], prompt_tokens: int, completion: int
+) -> JSONResponse:
+    return JSONResponse(envelope(kind, rid, model, choices, Usage(prompt_tokens, completion)))
+
+
+async def _chat(
+    request: Request, req: ChatRequest, provider: ModelProvider, settings: ApiSettings
+) -> Any:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs': true.", param="top_logprobs")
+    backend = await _backend_for(provider, req.model)
+    tok = backend.tokenizer
+    ids = _chat_prompt(tok, req)
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    max_tokens = _budget(backend, len(ids), requested, "messages")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    stop_ids = () if req.ignore_eos else _end_of_turn_ids(tok)
+    jobs = [(ids, sampling_params(req, max_tokens, k, j, stop_ids)) for j in range(req.n)]
+    streams = _submit_all(backend, jobs, settings)
+    rid = new_id("chatcmpl")
+    kind = "chat.completion.chunk"
+    if req.stream:
+
+        def chunk(i: int, ev: TokenEvent) -> dict | None:
+            if not ev.text and ev.finish_reason is None and not ev.logprobs:
+                return None
+            lp = chat_logprobs(tok, list(ev.logprobs)) if k is not None else None
+            delta = {"content": ev.text} if ev.text else {}
+            c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+            return envelope(kind, rid, req.model, [c], None, _wants_usage(req))
+
+        role = {"role": "assistant", "content": ""}
+        preamble = [
+            envelope(
+                kind,
+                rid,
+                req.model,
+                [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}],
+                None,
+                _wants_usage(req),
+            )
+            for i in range(len(streams))
+        ]
+        usage_chunk = _usage_chunk(kind, rid, req, len(ids))
+        return _streaming_response(_sse_events(streams, preamble, chunk, usage_chunk))
+    results = await _drain_all(request, streams)
+    choices, completion_tokens = [], 0
+    for i, events in enumerate(results):
+        text, lps, finish, usage = collect_events(events)
+        completion_tokens += usage.completion_tokens
+        lp = chat_logprobs(tok, lps) if k is not None else None
+        message = {"role": "assistant", "content": text}
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+    return _json_result("chat.completion", rid, req.model, choices, len(ids), completion_tokens)
+
+
+def build_openai_app(
+    provider: ModelProvider,
+    settings: ApiSettings | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app over ``provider``'s models (no Ray needed)."""
+    settings = settings or ApiSettings()
+    app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        if not provider.is_ready():
+            raise APIError(503, "The model is loading.", type="server_error", code="not_ready")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(request, settings)
+        data = [
+            {"id": n, "object": "model", "created": 0, "owned_by": "raylm"}
+            for n in provider.model_names()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        _authorize(request, settings)
+        body = await _read_body(request, settings.max_body_bytes)
+        req = parse_request(body, CompletionRequest)
+        return await _completions(request, req, provider, settings)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        _authorize(request, settings)
+        body = await _read_body(request, settings.max_body_bytes)
+        req = parse_request(body, ChatRequest)
+        return await _chat(request, req, provider, settings)
+
+    return app
