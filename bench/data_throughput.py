@@ -160,6 +160,9 @@ def ray_prepare(cfg: DataConfig, tokenizer: Path) -> tuple[float, dict, int]:
     return seconds, result.manifest, mem.peak
 
 
+OBJECT_STORE_MB: int | None = 512
+
+
 def data_cfg(inputs: Path, output: Path, actors: int) -> DataConfig:
     return DataConfig(
         inputs=[str(inputs)],
@@ -170,6 +173,7 @@ def data_cfg(inputs: Path, output: Path, actors: int) -> DataConfig:
         actor_cpus=1.0,
         batch_size=512,
         rows_per_file=4096,
+        object_store_mb=OBJECT_STORE_MB,
     )
 
 
@@ -179,7 +183,12 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2, help="processing actors")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved baseline/Ray pairs")
     ap.add_argument("--scale", type=int, default=0, help="also measure peak RSS at this multiple")
+    ap.add_argument(
+        "--object-store-mb", type=int, default=512, help="data.object_store_mb; 0: none"
+    )
     args = ap.parse_args()
+    global OBJECT_STORE_MB
+    OBJECT_STORE_MB = args.object_store_mb or None
 
     import ray
 
