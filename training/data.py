@@ -63,7 +63,8 @@ def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
 
 def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
     """Read ``manifest.json``; errors name the config key and the path."""
-    root = Path(path)
+    # Absolute: Ray Train workers run in their own working directory, not the driver's.
+    root = Path(path).resolve()
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
         raise TrainConfigError(f"{key}: {path} has no {MANIFEST_NAME} (run `raylm data prepare`)")

@@ -121,8 +121,12 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
                    "train.global_batch_tokens": cfg.train.global_batch_tokens,
                    "scaling.num_workers": world}  # fmt: skip
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    # Workers run in their own working directory: hand them absolute paths.
+    model = cfg.model
+    if model.init_from:
+        model = model.model_copy(update={"init_from": str(Path(model.init_from).resolve())})
     return WorkerJob(
-        model=cfg.model, train=cfg.train, deepspeed=cfg.deepspeed, seed=cfg.seed,
+        model=model, train=cfg.train, deepspeed=cfg.deepspeed, seed=cfg.seed,
         run_dir=str(run_dir(cfg)), datasets=infos, weights=weights, seq_len=seq_len,
         vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,

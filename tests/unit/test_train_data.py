@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,3 +58,15 @@ def test_mixing_weights_and_no_repeat_before_full_pass() -> None:
 def test_shard_epoch_rejects_uneven_split() -> None:
     with pytest.raises(ValueError, match="does not split"):
         shard_epoch(np.zeros((10, 2), dtype=np.int64), 5, 2, 0)
+
+
+def test_relative_dataset_paths_reach_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in another working directory: the plan must carry absolute paths."""
+    from training.data import dataset_info
+    from training.synthetic import write_synthetic_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_dataset(tmp_path / "rel" / "data", train_rows=16, seq_len=16)
+    info = dataset_info("rel/data")
+    assert Path(info.path).is_absolute()
+    assert all(Path(f).is_absolute() for split in info.files.values() for f in split)
