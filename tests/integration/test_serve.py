@@ -13,6 +13,8 @@ import openai
 import pytest
 import torch
 
+from tests.unit.test_serving_engine import make_lora
+
 pytestmark = pytest.mark.timeout(300)
 
 KEY = "sk-test-raylm"
@@ -37,20 +39,6 @@ def _reinit_copy(src, dst, seed):
     return dst
 
 
-def _lora(model_dir, out, seed=3):
-    """A random (non-zero) LoRA adapter over `model_dir`, saved as a PEFT dir."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(base, cfg).save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_model_dir, tmp_path_factory):
     from ray import serve
@@ -60,7 +48,7 @@ def served(ray_local, tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     second = _reinit_copy(tiny_model_dir, tmp / "tiny_b", seed=1)
-    lora = _lora(tiny_model_dir, tmp / "lora")
+    lora = make_lora(tiny_model_dir, tmp / "lora")
     (tmp / "keys").write_text(f"# test keys\n{KEY}\n")
     cfg = ServeConfig(
         models=[
