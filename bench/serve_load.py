@@ -139,19 +139,25 @@ def engine_caller(
     return one
 
 
+def _completion_body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+    """Greedy, fixed-length completions, so every request costs the same tokens."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
+
+
 def http_caller(client, url: str, model: str, prompts: list[str], max_tokens: int):
     """Streaming completions; TTFT = first SSE chunk carrying a choice, tokens from usage."""
 
     async def one(i: int) -> Sample:
-        body = {
-            "model": model,
-            "prompt": prompts[i % len(prompts)],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body = _completion_body(model, prompts[i % len(prompts)], max_tokens, stream=True)
         t0 = time.perf_counter()
         first, n = None, 0
         async with client.stream("POST", url + "/completions", json=body) as r:
@@ -173,13 +179,7 @@ def json_caller(client, url: str, model: str, prompts: list[str], max_tokens: in
     """Non-streaming completions: one Serve hop per request (TTFT = end-to-end)."""
 
     async def one(i: int) -> Sample:
-        body = {
-            "model": model,
-            "prompt": prompts[i % len(prompts)],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
+        body = _completion_body(model, prompts[i % len(prompts)], max_tokens, stream=False)
         t0 = time.perf_counter()
         r = await client.post(url + "/completions", json=body)
         r.raise_for_status()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cluster.config import ConfigError, RaylmConfig, load_config, write_resolved
 from data_pipelines.errors import DataError
@@ -71,12 +72,14 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from cluster.ray_env import ray_session
-    from data_pipelines.prepare import find_complete, prepare, summarize
+    from data_pipelines.prepare import PrepareResult, plan_prepare, prepare, summarize
 
-    result = find_complete(cfg.data, tokenizer_path(cfg))
-    if result is None:
+    plan = plan_prepare(cfg.data, tokenizer_path(cfg))  # hashes inputs once, no Ray
+    if plan.existing is not None:
+        result = PrepareResult(Path(cfg.data.output), plan.existing, skipped=True)
+    else:
         with ray_session(cfg.ray):
-            result = prepare(cfg.data, tokenizer_path(cfg))
+            result = prepare(cfg.data, tokenizer_path(cfg), plan=plan)
     write_resolved(cfg, result.output)
     print(summarize(result))
     return 0

@@ -50,7 +50,8 @@ from data_pipelines.writer import ShardWriter
 
 __all__ = [
     "PrepareResult",
-    "find_complete",
+    "Plan",
+    "plan_prepare",
     "iter_clean_chunks",
     "parse_and_clean",
     "prepare",
@@ -67,7 +68,6 @@ class PrepareResult:
     manifest: dict
     skipped: bool = False
     seconds: float = 0.0
-    samples: dict[str, list[str]] = field(default_factory=dict)
 
 
 _ROW_KEYS = ("source", "reason", "text", "hash", "validation")
@@ -340,45 +340,48 @@ def _clear_outputs(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def _plan(cfg: DataConfig, tokenizer_path: str):
+@dataclass
+class Plan:
+    """What a run would read and the fingerprint that decides whether it must run at all."""
+
+    files: InputFiles
+    tokenizer_fingerprint: str
+    input_hashes: dict[str, str]
+    config_hash: str
+    fingerprint: str
+    existing: dict | None  # manifest of a complete output with this fingerprint
+
+
+def plan_prepare(cfg: DataConfig, tokenizer_path: str) -> Plan:
+    """Resolve inputs and hash them once. Needs no Ray: the CLI calls it first, so a re-run on a
+    complete output returns without starting Ray, and ``prepare(plan=...)`` reuses the hashes."""
     files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region)
     tok_fp = tokenizer_fingerprint(tokenizer_path)
     input_hashes = fingerprint_inputs(files)
     cfg_hash = data_config_hash(cfg)
     fingerprint = combined_fingerprint(input_hashes, tok_fp, cfg_hash)
-    return files, tok_fp, input_hashes, cfg_hash, fingerprint
-
-
-def find_complete(cfg: DataConfig, tokenizer_path: str) -> PrepareResult | None:
-    """The finished output for exactly these inputs, tokenizer and config, if there is one.
-
-    Needs no Ray: the CLI calls it first so a re-run returns at once.
-    """
-    start = time.perf_counter()
-    fingerprint = _plan(cfg, tokenizer_path)[-1]
     existing = existing_complete_manifest(Path(cfg.output), fingerprint)
-    if existing is None:
-        return None
-    return PrepareResult(
-        Path(cfg.output), existing, skipped=True, seconds=time.perf_counter() - start
-    )
+    return Plan(files, tok_fp, input_hashes, cfg_hash, fingerprint, existing)
 
 
-def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> PrepareResult:
+def prepare(
+    cfg: DataConfig, tokenizer_path: str, progress: bool = True, plan: Plan | None = None
+) -> PrepareResult:
     """Run the whole data job; skips when ``cfg.output`` already holds this exact result."""
     start = time.perf_counter()
+    plan = plan or plan_prepare(cfg, tokenizer_path)
+    output = Path(cfg.output)
+    if plan.existing is not None:
+        log.info("data prepare: %s is complete for these inputs and config; skipping", output)
+        return PrepareResult(
+            output, plan.existing, skipped=True, seconds=time.perf_counter() - start
+        )
     tok = load_tokenizer(tokenizer_path)
     check_tokenizer(tok, cfg.mode, tokenizer_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    files, tok_fp, input_hashes, cfg_hash, fingerprint = _plan(cfg, tokenizer_path)
-    output = Path(cfg.output)
-    existing = existing_complete_manifest(output, fingerprint)
-    if existing is not None:
-        log.info("data prepare: %s is complete for these inputs and config; skipping", output)
-        return PrepareResult(output, existing, skipped=True, seconds=time.perf_counter() - start)
     _clear_outputs(output)
     with _scoped_data_context(cfg):
-        ds = _build_dataset(cfg, files, tokenizer_path, tok.eos_token_id)
+        ds = _build_dataset(cfg, plan.files, tokenizer_path, tok.eos_token_id)
         try:
             writers, tally = _pack_and_write(ds, cfg, output, pad_id, progress)
         except Exception as exc:
@@ -386,6 +389,13 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
             if err is None:
                 raise
             raise DataError(str(err)) from None
+    _report_rejections(tally)
+    manifest = _manifest(cfg, plan, tally, writers, tok, pad_id, tokenizer_path)
+    write_manifest(output, manifest)
+    return PrepareResult(output, manifest, seconds=time.perf_counter() - start)
+
+
+def _report_rejections(tally: _Tally) -> None:
     for reason, where in sorted(tally.samples.items()):
         log.warning(
             "data prepare: %d record(s) rejected as %s, e.g. %s",
@@ -398,7 +408,11 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
         raise DataError(
             f"data.inputs: no documents left from {tally.read} records read (rejected: {reasons})"
         )
-    manifest = build_manifest(
+
+
+def _manifest(cfg: DataConfig, plan: Plan, tally: _Tally, writers, tok, pad_id, tokenizer_path):
+    output = Path(cfg.output)
+    return build_manifest(
         mode=cfg.mode,
         documents_read=tally.read,
         documents_kept=tally.kept,
@@ -417,14 +431,13 @@ def prepare(cfg: DataConfig, tokenizer_path: str, progress: bool = True) -> Prep
         file_sizes={
             f"{s}/{n}": (output / s / n).stat().st_size for s, w in writers.items() for n in w.files
         },
-        tokenizer={"path": str(Path(tokenizer_path).resolve()), "fingerprint": tok_fp},
-        inputs=input_hashes,
-        config_hash=cfg_hash,
-        fingerprint=fingerprint,
-    )
-    write_manifest(output, manifest)
-    return PrepareResult(
-        output, manifest, seconds=time.perf_counter() - start, samples=tally.samples
+        tokenizer={
+            "path": str(Path(tokenizer_path).resolve()),
+            "fingerprint": plan.tokenizer_fingerprint,
+        },
+        inputs=plan.input_hashes,
+        config_hash=plan.config_hash,
+        fingerprint=plan.fingerprint,
     )
 
 
