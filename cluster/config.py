@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipelines.config import DataConfig, TokenizerConfig
 from serving.config import ServeConfig
-from training.config import DeepSpeedConfig, ModelConfig, ScalingConfig, TrainConfig
+from training.config import (
+    DeepSpeedConfig,
+    EvalConfig,
+    ModelConfig,
+    ScalingConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "ConfigError",
@@ -64,6 +70,7 @@ class RaylmConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
 

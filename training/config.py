@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "DeepSpeedConfig",
+    "EvalConfig",
     "ModelConfig",
     "MODEL_PRESETS",
     "ScalingConfig",
@@ -135,6 +136,24 @@ class TrainDataset(_Section):
     weight: float = Field(1.0, gt=0, description="Relative share of this dataset in each epoch.")
 
 
+class LoraConfig(_Section):
+    """LoRA adapters through ``peft``: only the adapter weights train and go into checkpoints."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters on a frozen `model.init_from`.")
+    rank: int = Field(8, ge=1, description="Adapter rank r.")
+    alpha: float = Field(16.0, gt=0, description="Adapter updates are scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names (suffixes) that get adapters, e.g. q_proj, up_proj, down_proj.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, "
+        "lm_head when the tokenizer grew).",
+    )
+
+
 class TrainConfig(_Section):
     """``raylm train``: what to train on, for how long, and how often to log/eval/checkpoint."""
 
@@ -188,6 +207,33 @@ class TrainConfig(_Section):
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute layer activations in backward to save memory."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    progress: bool | None = Field(
+        None,
+        description="Driver progress bar over the metrics rows (tqdm, on stderr); unset: only "
+        "when stderr is a terminal.",
+    )
+    tensorboard: bool | None = Field(
+        None,
+        description="Rank 0 writes TensorBoard events to RUN_DIR/tensorboard; unset: when "
+        "`tensorboard` (or tensorboardX) is installed.",
+    )
+    mlflow: bool | None = Field(
+        None,
+        description="Rank 0 logs the metrics rows to MLflow; unset: when `mlflow` is installed "
+        "and a tracking URI is set (mlflow_tracking_uri or MLFLOW_TRACKING_URI).",
+    )
+    mlflow_tracking_uri: str = Field(
+        "", description="MLflow tracking URI; empty: MLFLOW_TRACKING_URI of the driver."
+    )
+    export_dir: str = Field(
+        "",
+        description="After the run completes, export its final checkpoint here as `raylm "
+        "export` does; empty: no export.",
+    )
+    export_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Weight dtype of the export at the end of the run."
     )
 
     @field_validator("datasets", mode="before")
@@ -247,4 +293,45 @@ class ScalingConfig(_Section):
     )
     collective_timeout_s: int = Field(
         1800, ge=1, description="A collective hung this long fails the run (TorchConfig timeout_s)."
+    )
+
+
+class EvalConfig(_Section):
+    """``raylm eval``: held-out perplexity and generation-scored tasks for one model dir."""
+
+    model: str = Field(
+        "",
+        description="Local HF model dir to evaluate (safetensors), e.g. a `raylm export` output; "
+        "required by `raylm eval`.",
+    )
+    perplexity_data: list[str] = Field(
+        default_factory=list,
+        description="`raylm data prepare` output dirs; perplexity over their validation split "
+        "(SFT data: on the assistant tokens only). Must use the model's tokenizer.",
+    )
+    perplexity_rows: int = Field(
+        0, ge=0, description="Validation rows read per dataset, in file order; 0: all."
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="jsonl files of {task, messages, reference} (as `raylm synth` writes under "
+        "sft/heldout/); each record's task picks the metric: sentiment: accuracy, "
+        "qa: exact_match + token_f1, rewrite: chrf.",
+    )
+    limit_per_task: int = Field(
+        0, ge=0, description="Examples scored per task, first ones in file order; 0: all."
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, description="Greedy decoding stops here unless eos / end-of-turn comes first."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Rows per perplexity forward pass; sequences decoding together."
+    )
+    samples: int = Field(3, ge=0, description="Sample predictions per task kept in eval.json.")
+    output: str = Field(
+        "", description="Directory for eval.json and the resolved config; empty: runs/eval/<name>."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto: float32 on CPU, bfloat16 on CUDA."
     )

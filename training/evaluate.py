@@ -1,0 +1,524 @@
+"""``raylm eval``'s core: held-out perplexity on prepared parquet and generation-scored tasks.
+
+Phases: :func:`plan_eval` (every input check, before any model loads) -> :func:`run_perplexity`
+(in-process ``transformers`` forward passes over the validation split) -> :func:`run_tasks`
+(prompts through a ``generate`` callable, scored by ``training.scoring``) -> ``eval.json``.
+
+No Ray and no ``serving`` import: generation comes in as a callable. The CLI layer
+(``cluster.evaluate``) builds it from the serving engine; any function with the
+:data:`Generate` signature works (a ``transformers.generate`` loop, an HTTP client).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from training.batch import document_causal_mask, loss_targets, token_loss
+from training.config import EvalConfig
+from training.data import DatasetInfo, dataset_info
+from training.errors import TrainConfigError
+from training.scoring import TASK_METRICS, example_score, score_task
+
+__all__ = [
+    "EVAL_NAME",
+    "EvalError",
+    "EvalPlan",
+    "Generate",
+    "GenerateSession",
+    "PerplexityData",
+    "PromptError",
+    "TaskRecord",
+    "compare_table",
+    "eval_output",
+    "evaluate",
+    "flat_metrics",
+    "format_table",
+    "load_report",
+    "plan_eval",
+    "read_task_file",
+    "run_perplexity",
+    "run_tasks",
+]
+
+EVAL_NAME = "eval.json"
+
+Messages = list[dict[str, str]]
+# (conversations, max_new_tokens) -> one completion per conversation, the assistant turn's text
+# without the end-of-turn token. Greedy, so a score is a function of the model and the prompts.
+Generate = Callable[[list[Messages], int], list[str]]
+# Opens whatever generates (loads an engine) and closes it afterwards.
+GenerateSession = Callable[[], AbstractContextManager[Generate]]
+
+
+class EvalError(ValueError):
+    """Input ``raylm eval`` cannot use; the message names the config key, file or file:line."""
+
+
+class PromptError(EvalError):
+    """A generate callable refusing prompt ``index`` of its batch (e.g. longer than the context)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    source: str  # "file:line", for errors and samples
+    task: str
+    messages: Messages
+    reference: str
+
+
+@dataclass(frozen=True)
+class PerplexityData:
+    key: str  # eval.perplexity_data[i]
+    path: str  # as configured: the label in tables and comparisons
+    info: DatasetInfo
+
+
+@dataclass
+class EvalPlan:
+    """Everything checked and resolved; running it cannot fail on configuration."""
+
+    cfg: EvalConfig
+    name: str
+    model_dir: Path
+    output: Path
+    device: str  # "cpu" | "cuda"
+    dtype: str  # "float32" | "bfloat16"
+    vocab_size: int
+    datasets: list[PerplexityData] = field(default_factory=list)
+    tasks: dict[str, list[TaskRecord]] = field(default_factory=dict)  # task -> records, file order
+    warnings: list[str] = field(default_factory=list)
+
+
+def eval_output(cfg: EvalConfig, name: str) -> Path:
+    """Where eval.json goes: ``eval.output``, else ``runs/eval/<name>``."""
+    return Path(cfg.output) if cfg.output else Path("runs/eval") / name
+
+
+# ---------------------------------------------------------------- plan (all checks)
+
+
+def plan_eval(cfg: EvalConfig, name: str) -> EvalPlan:
+    """Check the model dir, task files and datasets; raise :class:`EvalError` naming the key."""
+    model_dir = _check_model_dir(cfg.model)
+    if not cfg.perplexity_data and not cfg.tasks:
+        raise EvalError("eval: nothing to evaluate; set eval.perplexity_data and/or eval.tasks")
+    device, dtype = _pick_device(cfg)
+    tasks = _read_tasks(cfg.tasks, cfg.limit_per_task)
+    model_tok = _load_tokenizer(model_dir, "eval.model")
+    if tasks and not getattr(model_tok, "chat_template", None):
+        raise EvalError(
+            f"eval.model: {cfg.model}: its tokenizer has no chat template; eval.tasks prompts "
+            "are chat messages (export the model with its tokenizer's template)"
+        )
+    vocab = _model_vocab(model_dir, model_tok)
+    plan = EvalPlan(cfg, name, model_dir, eval_output(cfg, name), device, dtype, vocab, tasks=tasks)
+    for i, path in enumerate(cfg.perplexity_data):
+        key = f"eval.perplexity_data[{i}]"
+        try:
+            info = dataset_info(path, key=key)
+        except TrainConfigError as exc:
+            raise EvalError(str(exc)) from None
+        if info.rows["validation"] <= 0 or not info.files["validation"]:
+            raise EvalError(f"{key}: {path} has no validation rows (data.validation_fraction 0?)")
+        warning = _check_tokenizer(key, path, info, vocab, model_tok)
+        if warning:
+            plan.warnings.append(warning)
+        plan.datasets.append(PerplexityData(key, path, info))
+    return plan
+
+
+def _check_model_dir(path: str) -> Path:
+    if not path:
+        raise EvalError(
+            "eval.model: not set; give the model dir to evaluate (a `raylm export` dir)"
+        )
+    p = Path(path)
+    if not p.is_dir():
+        raise EvalError(f"eval.model: {path}: no such directory")
+    if not (p / "config.json").is_file():
+        hint = (
+            " (a LoRA adapter dir? evaluate the merged export)"
+            if (p / "adapter_config.json").is_file()
+            else ""
+        )
+        raise EvalError(f"eval.model: {path}: not a Hugging Face model dir (no config.json){hint}")
+    if not any(p.glob("*.safetensors")):
+        raise EvalError(
+            f"eval.model: {path}: no *.safetensors weights (raylm loads weights only from safetensors)"
+        )
+    return p
+
+
+def _model_vocab(model_dir: Path, model_tok: Any) -> int:
+    """Embedding rows from config.json (may exceed the tokenizer's length), else the tokenizer's."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalError(
+            f"eval.model: {model_dir / 'config.json'}: not valid JSON ({exc})"
+        ) from None
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    return int(vocab) if isinstance(vocab, int) else len(model_tok)
+
+
+def _pick_device(cfg: EvalConfig) -> tuple[str, str]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("eval.device: cuda, but torch sees no CUDA device")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if use_cuda else "cpu"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def _load_tokenizer(path: Path, key: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # a missing or corrupt tokenizer file: say which dir, not a traceback
+        raise EvalError(f"{key}: {path}: cannot load its tokenizer ({exc})") from None
+
+
+def _check_tokenizer(key: str, path: str, info: DatasetInfo, vocab: int, model_tok: Any) -> str:
+    """Refuse data tokenized with another vocabulary (its perplexity would mean nothing).
+
+    Returns a warning when the data's tokenizer is gone and only token ids can be range-checked.
+    """
+    tok_dir = Path(info.tokenizer_path)
+    if not info.tokenizer_path or not (tok_dir / "tokenizer_config.json").is_file():
+        return (
+            f"{key}: {path}: its tokenizer ({info.tokenizer_path or 'unrecorded'}) is not on this "
+            "machine; only token ids were checked against the model's vocab_size"
+        )
+    data_tok = _load_tokenizer(tok_dir, key)
+    if len(data_tok) > vocab:
+        raise EvalError(
+            f"{key}: {path} was tokenized with {tok_dir} ({len(data_tok)} tokens), more than the "
+            f"model's vocab_size {vocab} (eval.model); prepare it with the model's tokenizer"
+        )
+    model_vocab = model_tok.get_vocab()
+    differ = [t for t, i in data_tok.get_vocab().items() if model_vocab.get(t) != i]
+    if differ:
+        raise EvalError(
+            f"{key}: {path} was tokenized with {tok_dir}, whose vocabulary differs from the "
+            f"model's tokenizer ({len(differ)} tokens map elsewhere, e.g. {differ[0]!r}); "
+            "prepare it with the model's tokenizer"
+        )
+    return ""
+
+
+# ---------------------------------------------------------------- task files
+
+
+def read_task_file(path: str, key: str) -> list[TaskRecord]:
+    """All records of one jsonl task file; errors name ``key`` or ``path:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"{key}: {path}: no such file")
+    out = []
+    try:
+        with p.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if line.strip():
+                    out.append(_task_record(line, f"{path}:{line_no}"))
+    except UnicodeDecodeError:
+        raise EvalError(f"{key}: {path}: not UTF-8 text") from None
+    if not out:
+        raise EvalError(f"{key}: {path}: no records")
+    return out
+
+
+def _task_record(line: str, where: str) -> TaskRecord:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{where}: invalid JSON ({exc.msg})") from None
+    if not isinstance(rec, dict):
+        raise EvalError(f"{where}: expected a JSON object")
+    for name in ("task", "messages", "reference"):
+        if name not in rec:
+            raise EvalError(f"{where}: missing '{name}'")
+    if rec["task"] not in TASK_METRICS:
+        known = ", ".join(sorted(TASK_METRICS))
+        raise EvalError(f"{where}: unknown task {rec['task']!r} (known: {known})")
+    if not isinstance(rec["reference"], str):
+        raise EvalError(f"{where}: 'reference' must be a string")
+    msgs = rec["messages"]
+    ok = (
+        isinstance(msgs, list)
+        and msgs
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        )
+    )
+    if not ok:
+        raise EvalError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} strings"
+        )
+    if msgs[-1]["role"] == "assistant":
+        raise EvalError(f"{where}: the last message is the assistant's; the model writes that turn")
+    clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return TaskRecord(where, rec["task"], clean, rec["reference"])
+
+
+def _read_tasks(paths: list[str], limit: int) -> dict[str, list[TaskRecord]]:
+    """Records grouped by task (file order), at most ``limit`` per task (0: all)."""
+    by_task: dict[str, list[TaskRecord]] = {}
+    for i, path in enumerate(paths):
+        for rec in read_task_file(path, f"eval.tasks[{i}]"):
+            by_task.setdefault(rec.task, []).append(rec)
+    return {t: recs[:limit] if limit else recs for t, recs in by_task.items()}
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def _load_model(plan: EvalPlan) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(use_safetensors=True, dtype=getattr(torch, plan.dtype))
+    try:  # sdpa and eager both take the 4D per-document mask (flash-attention does not)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(plan.model_dir), attn_implementation="sdpa", **kwargs
+        )
+    except ValueError:  # the architecture has no sdpa kernel
+        model = AutoModelForCausalLM.from_pretrained(
+            str(plan.model_dir), attn_implementation="eager", **kwargs
+        )
+    return model.to(plan.device).eval()
+
+
+def _fixed_lists(column: Any, seq_len: int) -> np.ndarray:
+    """list<int32> column of exactly seq_len per row -> (rows, seq_len) int64 (flat values reshaped)."""
+    flat = column.combine_chunks().flatten().to_numpy().astype(np.int64)
+    return flat.reshape(-1, seq_len)
+
+
+def _validation_batches(
+    info: DatasetInfo, batch_size: int, max_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """(batch, seq_len) int64 arrays of the validation split, file by file (one file in memory)."""
+    left = max_rows or math.inf
+    for f in info.files["validation"]:
+        names = pq.read_schema(f).names
+        cols = [c for c in ("input_ids", "position_ids", "labels") if c in names]
+        table = pq.read_table(f, columns=cols)
+        arrays = {c: _fixed_lists(table[c], info.seq_len) for c in cols}
+        rows = len(table) if left == math.inf else min(len(table), int(left))
+        for start in range(0, rows, batch_size):
+            stop = min(start + batch_size, rows)
+            yield {c: a[start:stop] for c, a in arrays.items()}
+        left -= rows
+        if left <= 0:
+            return
+
+
+@torch.inference_mode()
+def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dict[str, Any]:
+    """Summed next-token loss over every loss-bearing token, then exp(sum / count)."""
+    t0 = time.perf_counter()
+    info = data.info
+    pad_id = info.pad_token_id if info.pad_token_id is not None else -1
+    dtype = getattr(torch, plan.dtype)
+    total, count, rows = 0.0, 0, 0
+    for batch in _validation_batches(info, plan.cfg.batch_size, plan.cfg.perplexity_rows):
+        t = {k: torch.from_numpy(v).to(plan.device) for k, v in batch.items()}
+        top = int(t["input_ids"].max())
+        if top >= plan.vocab_size:
+            raise EvalError(f"{data.key}: {data.path}: token id {top} is outside the model's "
+                            f"vocab_size {plan.vocab_size} (eval.model)")  # fmt: skip
+        targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t.get("labels"))
+        mask = document_causal_mask(t["position_ids"], dtype)  # (B, 1, S, S) per-document causal
+        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
+        s, c = token_loss(out.logits, targets)
+        total += float(s)  # host sync per batch: fine for eval, keeps the sum in float64
+        count += int(c)
+        rows += len(batch["input_ids"])
+    if count == 0:
+        raise EvalError(f"{data.key}: {data.path}: no loss-bearing tokens in the validation split")
+    loss = total / count
+    return {
+        "key": data.key,
+        "path": data.path,
+        "rows": rows,
+        "tokens": count,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def run_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
+    """Perplexity per dataset; the model is loaded once and freed before generation starts."""
+    if not plan.datasets:
+        return []
+    model = _load_model(plan)
+    try:
+        return [_dataset_perplexity(model, d, plan) for d in plan.datasets]
+    finally:
+        del model
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- generation tasks
+
+
+def _generate_checked(generate: Generate, records: list[TaskRecord], max_new: int) -> list[str]:
+    try:
+        preds = generate([r.messages for r in records], max_new)
+    except PromptError as exc:
+        raise EvalError(f"{records[exc.index].source}: {exc}") from None
+    if len(preds) != len(records):
+        raise RuntimeError(f"generate returned {len(preds)} completions for {len(records)} prompts")
+    return preds
+
+
+def run_tasks(plan: EvalPlan, generate: Generate) -> list[dict[str, Any]]:
+    """Generate and score every task; each entry has metrics (points), n and sample predictions."""
+    out = []
+    for task, records in plan.tasks.items():
+        t0 = time.perf_counter()
+        preds = _generate_checked(generate, records, plan.cfg.max_new_tokens)
+        refs = [r.reference for r in records]
+        samples = [
+            {
+                "source": r.source,
+                "prompt": r.messages[-1]["content"],
+                "reference": r.reference,
+                "prediction": p,
+                "scores": example_score(task, p, r.reference),
+            }
+            for r, p in list(zip(records, preds, strict=True))[: plan.cfg.samples]
+        ]
+        out.append({
+            "task": task,
+            "n": len(records),
+            "metrics": score_task(task, preds, refs),
+            "files": sorted({r.source.rsplit(":", 1)[0] for r in records}),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "samples": samples,
+        })  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def evaluate(plan: EvalPlan, session: GenerateSession | None = None) -> dict[str, Any]:
+    """Run perplexity, then the tasks through ``session()``; write and return eval.json's content."""
+    t0 = time.perf_counter()
+    perplexity = run_perplexity(plan)
+    t1 = time.perf_counter()
+    tasks: list[dict[str, Any]] = []
+    load_s = 0.0
+    if plan.tasks:
+        if session is None:
+            raise ValueError("eval.tasks is set but no generate session was given")
+        with session() as generate:
+            load_s = time.perf_counter() - t1
+            tasks = run_tasks(plan, generate)
+    t2 = time.perf_counter()
+    report = {
+        "name": plan.name,
+        "model": str(plan.model_dir.resolve()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "perplexity": perplexity,
+        "tasks": tasks,
+        "warnings": plan.warnings,
+        "timings": {
+            "perplexity_s": round(t1 - t0, 3),
+            "generator_load_s": round(load_s, 3),
+            "generation_s": round(t2 - t1 - load_s, 3),
+            "total_s": round(t2 - t0, 3),
+        },
+        "config": plan.cfg.model_dump(mode="json"),
+    }
+    _write_json(plan.output / EVAL_NAME, report)
+    return report
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a report
+
+
+# ---------------------------------------------------------------- tables
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """Metric label -> (value, count) for tables: perplexity per dataset, task metrics in points."""
+    out: dict[str, tuple[float, str]] = {}
+    for p in report.get("perplexity", []):
+        out[f"perplexity {p['path']}"] = (float(p["perplexity"]), f"{p['tokens']} tok")
+    for t in report.get("tasks", []):
+        for name, value in t["metrics"].items():
+            out[f"{t['task']} {name}"] = (float(value), str(t["n"]))
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A short text table of one report."""
+    rows = flat_metrics(report)
+    width = max([len(k) for k in rows] + [6])
+    lines = [f"model {report['model']}", f"{'metric':<{width}}  {'value':>10}  {'n':>10}"]
+    lines += [f"{k:<{width}}  {v:>10.3f}  {n:>10}" for k, (v, n) in rows.items()]
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """An eval.json, given as the file or a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / EVAL_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no {EVAL_NAME} (run `raylm eval` first)")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(report, dict) or not {"model", "perplexity", "tasks"} <= report.keys():
+        raise ValueError(f"{p}: not a raylm eval.json (needs model, perplexity, tasks)")
+    return report
+
+
+def compare_table(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Two reports side by side: metric, A, B, B - A ('-' where one report lacks the metric)."""
+    ma, mb = flat_metrics(a), flat_metrics(b)
+    keys = list(ma) + [k for k in mb if k not in ma]
+    width = max([len(k) for k in keys] + [6])
+
+    def cell(m: dict[str, tuple[float, str]], k: str) -> str:
+        return f"{m[k][0]:>10.3f}" if k in m else f"{'-':>10}"
+
+    lines = [f"A: {a['model']}", f"B: {b['model']}"]
+    lines.append(f"{'metric':<{width}}  {'A':>10}  {'B':>10}  {'B - A':>10}")
+    for k in keys:
+        delta = f"{mb[k][0] - ma[k][0]:>+10.3f}" if k in ma and k in mb else f"{'-':>10}"
+        lines.append(f"{k:<{width}}  {cell(ma, k)}  {cell(mb, k)}  {delta}")
+    return "\n".join(lines)
