@@ -1,6 +1,12 @@
 """Errors the training stage raises; each message names the config key, step or rank at fault."""
 
-__all__ = ["CheckpointError", "NonFiniteError", "TrainConfigError"]
+__all__ = [
+    "CheckpointError",
+    "NonFiniteError",
+    "Preempted",
+    "RunLockedError",
+    "TrainConfigError",
+]
 
 
 class TrainConfigError(ValueError):
@@ -13,3 +19,15 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that fails its integrity check or does not match the current run."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live ``raylm train`` holds the run dir's lock; names the run dir and the holder."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped early on SIGTERM after writing a checkpoint; re-running resumes it."""
+
+    def __init__(self, step: int, reason: str = "SIGTERM") -> None:
+        super().__init__(f"preempted at step {step} ({reason}); re-run the same command to resume")
+        self.step, self.reason = step, reason
