@@ -37,7 +37,14 @@ _EXTENSIONS = {
 
 # Bad input (as opposed to policy filters like too_short or duplicate): strict mode stops on these.
 STRICT_REASONS = frozenset(
-    {"malformed_json", "missing_text", "invalid_utf8", "invalid_messages", "empty_file"}
+    {
+        "malformed_json",
+        "missing_text",
+        "invalid_utf8",
+        "invalid_messages",
+        "last_turn_not_assistant",
+        "empty_file",
+    }
 )
 
 
@@ -147,15 +154,20 @@ def _decompress(path: str, data: bytes) -> bytes:
     return data
 
 
-def _check_messages(value: object) -> bool:
+def _messages_problem(value: object) -> str:
+    """'' for a usable conversation, else the rejection reason.
+
+    The last turn must be the assistant's: SFT learns the replies, and a conversation that ends on
+    a user turn has an unanswered prompt at its end (usually a truncated or mis-exported record).
+    """
     if not isinstance(value, list) or not value:
-        return False
+        return "invalid_messages"
     for m in value:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return False
+            return "invalid_messages"
         if m.get("role") not in ("system", "user", "assistant"):
-            return False
-    return any(m["role"] == "assistant" for m in value)
+            return "invalid_messages"
+    return "" if value[-1]["role"] == "assistant" else "last_turn_not_assistant"
 
 
 def _from_object(
@@ -164,15 +176,13 @@ def _from_object(
     if not isinstance(obj, dict):
         return Record(source, None, "malformed_json")
     value = obj.get(field)
-    if not sft and not isinstance(value, str) and fallback and _check_messages(obj.get(fallback)):
+    if (not sft and not isinstance(value, str) and fallback
+            and not _messages_problem(obj.get(fallback))):  # fmt: skip
         # Tokenizer training reads chat records too: their text is the messages' contents.
         return Record(source, "\n".join(m["content"] for m in obj[fallback]))
     if sft:
-        return (
-            Record(source, value)
-            if _check_messages(value)
-            else Record(source, None, "invalid_messages")
-        )
+        problem = _messages_problem(value)
+        return Record(source, None, problem) if problem else Record(source, value)
     if not isinstance(value, str):
         return Record(source, None, "missing_text")
     return Record(source, value)

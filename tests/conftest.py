@@ -81,9 +81,8 @@ def prepared_pretrain(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
     )
 
 
-@pytest.fixture(scope="session")
-def prepared_sft(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared_sft")
+def prepare_sft_data(tokenizer_dir, synth_corpus, out):
+    """Packed SFT data (seq_len 128) from the synthetic corpus with the given tokenizer."""
     return prepare_data(
         tokenizer_dir,
         inputs=[str(synth_corpus / "sft" / "train")],
@@ -93,6 +92,11 @@ def prepared_sft(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
         validation_fraction=0.1,
         sft={"pack": True},
     )
+
+
+@pytest.fixture(scope="session")
+def prepared_sft(ray_local, synth_corpus, tokenizer_dir, tmp_path_factory):
+    return prepare_sft_data(tokenizer_dir, synth_corpus, tmp_path_factory.mktemp("prepared_sft"))
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +144,34 @@ def tiny_model_dir(synth_corpus, tmp_path_factory):
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return out
+
+
+def train_and_export(name: str, storage, out, overrides: list[str]):
+    """`raylm train` in-process on the session's Ray, then `raylm export` of its last checkpoint."""
+    from cluster.config import load_config
+    from training.export import export
+    from training.launcher import run_dir, train
+
+    cfg = load_config(None, [f"name={name}", f"train.storage_path={storage}", *overrides])
+    train(cfg)
+    export(run_dir(cfg), out)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def pretrained_model_dir(ray_local, prepared_pretrain, tmp_path_factory):
+    """A tiny model pretrained by `raylm train` (2 workers, ZeRO-2) on the session corpus, exported."""
+    root = tmp_path_factory.mktemp("pretrained")
+    train_and_export("pretrain", root / "runs", root / "export", [
+        f"train.datasets=[{prepared_pretrain.output}]",
+        "train.global_batch_tokens=4096",  # 32 rows of 128
+        "train.micro_batch_size=8",
+        "train.max_steps=60",
+        "train.lr=0.003",
+        "train.warmup_steps=6",
+        "train.log_every=10",
+        "train.checkpoint_every=60",
+        "scaling.num_workers=2",
+        "deepspeed.zero_stage=2",
+    ])  # fmt: skip
+    return root / "export"

@@ -259,7 +259,11 @@ def validation_batches(
 
     Validation rows of all datasets in row_id order; micro-batch k goes to rank k % world_size.
     """
-    readers = [_SplitReader(i.files["validation"], ["row_id", "input_ids", "position_ids"])
+    columns = ["row_id", "input_ids", "position_ids"]
+    # SFT: the held-out loss covers assistant tokens only, as in training.
+    if all(i.has_labels for i in infos):
+        columns.append("labels")
+    readers = [_SplitReader(i.files["validation"], columns)
                for i in infos if i.rows["validation"] > 0 and i.files["validation"]]  # fmt: skip
     total = sum(len(r) for r in readers)
     per_rank = min(max_batches, total // (micro_batch * world_size))

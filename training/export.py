@@ -31,6 +31,7 @@ from training.checkpoint import (
     verify_checkpoint,
 )
 from training.errors import CheckpointError
+from training.lora import ADAPTER_CONFIG_NAME, load_adapter
 
 __all__ = [
     "PROVENANCE_NAME",
@@ -162,8 +163,35 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
-def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """Export ``src`` (run dir or checkpoint dir) to ``out``; returns ``out``."""
+def _lora_model(ckpt: Path, state: TrainState, conf: Any, sd: dict[str, torch.Tensor]) -> Any:
+    """The run's frozen base (``model.init_from``, safetensors) with the trained adapter on it."""
+    from transformers import LlamaForCausalLM
+
+    base = str(state.resume_keys.get("model.init_from") or "")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{ckpt}: LoRA checkpoint, but its base model dir {base!r} is gone")
+    model = LlamaForCausalLM.from_pretrained(base, config=conf, dtype=torch.float32,
+                                             use_safetensors=True, local_files_only=True)  # fmt: skip
+    try:
+        return load_adapter(model, ckpt, sd)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _write_adapter(peft_model: Any, tmp: Path, dtype: torch.dtype) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's own format, loadable offline)."""
+    peft_model.to(dtype)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def export(
+    src: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False
+) -> Path:
+    """Export ``src`` (run dir or checkpoint dir) to ``out``; returns ``out``.
+
+    A LoRA run exports the base with the adapter merged in, or with ``adapter_only`` the adapter
+    alone (``adapter_config.json`` names the base dir), each with the tokenizer files.
+    """
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -172,19 +200,32 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     ckpt, state = find_checkpoint(src)
     if not (ckpt / HF_CONFIG_NAME).is_file():
         raise CheckpointError(f"{ckpt}: no {HF_CONFIG_NAME} (written by raylm train)")
+    lora = (ckpt / ADAPTER_CONFIG_NAME).is_file()
+    if adapter_only and not lora:
+        raise CheckpointError(f"--adapter-only: {ckpt} is not from a LoRA run (train.lora)")
     out = Path(out)
     tmp = _prepare_out(out)
     conf = LlamaConfig.from_json_file(str(ckpt / HF_CONFIG_NAME))
-    tensors = _model_tensors(consolidated_state_dict(ckpt), conf, _DTYPES[dtype])
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    sd = consolidated_state_dict(ckpt)
+    if lora:
+        peft_model = _lora_model(ckpt, state, conf, sd)
+        if adapter_only:
+            _write_adapter(peft_model, tmp, _DTYPES[dtype])
+        else:
+            sd = peft_model.merge_and_unload().state_dict()
+    if not adapter_only:
+        tensors = _model_tensors(sd, conf, _DTYPES[dtype])
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer_and_generation(_tokenizer_source(ckpt, state), tmp, conf)
     conf.use_cache = True  # training turned the KV cache off; generation wants it
     conf.dtype = _DTYPES[dtype]
-    conf.save_pretrained(str(tmp))
-    _add_torch_dtype(tmp / "config.json")
-    (tmp / PROVENANCE_NAME).write_text(
-        json.dumps(_provenance(ckpt, state, dtype), indent=1), encoding="utf-8"
-    )
+    if not adapter_only:
+        conf.save_pretrained(str(tmp))
+        _add_torch_dtype(tmp / "config.json")
+    prov = _provenance(ckpt, state, dtype)
+    if lora:
+        prov.update(lora_base=state.resume_keys.get("model.init_from"), adapter_only=adapter_only)
+    (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the export appears complete or not at all
     return out

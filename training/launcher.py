@@ -22,9 +22,14 @@ from training.checkpoint import git_commit, package_versions
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
-from training.errors import TrainConfigError
+from training.errors import Preempted, TrainConfigError
 from training.loop import WorkerIO, WorkerJob, run_worker
+from training.lora import check_lora_targets
 from training.model import hf_config, model_max_positions
+from training.observe import driver_progress, resolve_trackers
+from training.preempt import driver_sigterm
+from training.records import read_events
+from training.runlock import run_lock
 
 if TYPE_CHECKING:
     from cluster.config import RaylmConfig
@@ -32,8 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["job_from_dict", "job_to_dict", "plan_job", "run_dir", "train"]
 
 log = logging.getLogger(__name__)
-# Test-only fault injection: "STEP:RANK" SIGKILLs that worker once, after that optimizer step.
+# Test-only fault injection: "STEP:RANK" SIGKILLs that worker once, after that optimizer step
+# ("STEP:RANK:TERM": SIGTERM instead).
 KILL_ENV = "RAYLM_TEST_KILL_AT_STEP"
+# Test-only: "STEP" makes rank 0 save the reduced gradients of that step (ZeRO-0) to run_dir/grads/.
+GRADS_ENV = "RAYLM_TEST_GRADS_AT_STEP"
 
 
 def run_dir(cfg: RaylmConfig) -> Path:
@@ -91,8 +99,31 @@ def _provenance(cfg: RaylmConfig, infos: list[DatasetInfo]) -> dict[str, Any]:
             "tokenizer_path": infos[0].tokenizer_path, "git_commit": git_commit()}  # fmt: skip
 
 
+def _check_init_from(path: str) -> None:
+    """A base model dir that exists, is a transformers dir and has safetensors weights."""
+    root = Path(path)
+    if not root.is_dir():
+        raise TrainConfigError(f"model.init_from: {path} does not exist")
+    if not (root / "config.json").is_file():
+        raise TrainConfigError(f"model.init_from: {path} has no config.json (not a HF model dir)")
+    if not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        raise TrainConfigError(
+            f"model.init_from: {path} has no model.safetensors (weights load from safetensors only)"
+        )
+
+
+def _check_lora(cfg: RaylmConfig, vocab: int) -> None:
+    if not cfg.model.init_from:
+        raise TrainConfigError(
+            "train.lora.enabled: LoRA trains adapters on a frozen base; set model.init_from"
+        )
+    check_lora_targets(hf_config(cfg.model, vocab), cfg.train.lora)
+
+
 def plan_job(cfg: RaylmConfig) -> WorkerJob:
     """Resolve and validate a run on the driver; raises TrainConfigError naming the key."""
+    if cfg.model.init_from:
+        _check_init_from(cfg.model.init_from)
     infos = _datasets(cfg)
     seq_len = infos[0].seq_len
     max_pos = model_max_positions(cfg.model)
@@ -101,6 +132,8 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
             f"model.max_position_embeddings: {max_pos} is below the dataset seq_len {seq_len}"
         )
     vocab, pad = _vocab_and_pad(cfg, infos)
+    if cfg.train.lora.enabled:
+        _check_lora(cfg, vocab)
     world = cfg.scaling.num_workers
     plan = batch_plan(cfg.train.global_batch_tokens, seq_len, cfg.train.micro_batch_size, world)
     if cfg.train.nonfinite == "skip" and cfg.deepspeed.zero_stage == 0:
@@ -120,13 +153,18 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
                    "model.vocab_size": vocab, "seq_len": seq_len,
                    "train.global_batch_tokens": cfg.train.global_batch_tokens,
                    "scaling.num_workers": world}  # fmt: skip
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    if cfg.train.lora.enabled:  # adapters of another shape cannot load
+        resume_keys["train.lora"] = cfg.train.lora.model_dump(mode="json")
+    # What training reads: a changed serve port or eval task list is not a different run.
+    trained = cfg.model_dump(mode="json", include={"name", "seed", "model", "train", "deepspeed",
+                                                   "scaling"})  # fmt: skip
+    blob = json.dumps(trained, sort_keys=True).encode()
     # Workers run in their own working directory: hand them absolute paths.
     model = cfg.model
     if model.init_from:
         model = model.model_copy(update={"init_from": str(Path(model.init_from).resolve())})
     return WorkerJob(
-        model=model, train=cfg.train, deepspeed=cfg.deepspeed, seed=cfg.seed,
+        model=model, train=resolve_trackers(cfg.train), deepspeed=cfg.deepspeed, seed=cfg.seed,
         run_dir=str(run_dir(cfg)), datasets=infos, weights=weights, seq_len=seq_len,
         vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
@@ -184,13 +222,34 @@ def _resume_candidates(job: WorkerJob) -> list[Path]:
 def _kill_hook(job: WorkerJob, spec: str) -> Callable[[int, int], None] | None:
     if not spec:
         return None
-    at_step, at_rank = (int(x) for x in spec.split(":"))
+    # "STEP:RANK" SIGKILLs; "STEP:RANK:TERM" sends SIGTERM (a preempted worker).
+    at_step, at_rank, *how = spec.split(":")
+    sig = signal.SIGTERM if how == ["TERM"] else signal.SIGKILL
     marker = Path(job.run_dir) / ".test_killed"
 
     def hook(step: int, rank: int) -> None:
-        if step == at_step and rank == at_rank and not marker.exists():
+        if step == int(at_step) and rank == int(at_rank) and not marker.exists():
             marker.write_text(str(step))
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
+
+    return hook
+
+
+def _grads_hook(job: WorkerJob, spec: str) -> Callable[[Any, int, int], None] | None:
+    if not spec:
+        return None
+    at_step = int(spec)
+
+    def hook(module: Any, step: int, rank: int) -> None:
+        if step != at_step or rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        grads = {n: p.grad.detach().float().clone() for n, p in module.named_parameters()
+                 if p.grad is not None}  # fmt: skip
+        out = Path(job.run_dir) / "grads"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(grads, str(out / f"step{step}.safetensors"))
 
     return hook
 
@@ -205,7 +264,8 @@ def _train_fn(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     io = WorkerIO(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), report=_ray_report,
                   resume_candidates=lambda: _resume_candidates(job),
-                  after_step=_kill_hook(job, config.get("kill_at", "")))  # fmt: skip
+                  after_step=_kill_hook(job, config.get("kill_at", "")),
+                  before_update=_grads_hook(job, config.get("grads_at", "")))  # fmt: skip
     run_worker(job, io)
 
 
@@ -213,7 +273,9 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
     """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from training.ray_backend import PreemptibleTorchConfig
 
     job = job or plan_job(cfg)
     sc = cfg.scaling
@@ -225,6 +287,7 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
             "job": job_to_dict(job),
             "threads": sc.cpus_per_worker,
             "kill_at": os.environ.get(KILL_ENV, ""),
+            "grads_at": os.environ.get(GRADS_ENV, ""),
         },  # fmt: skip
         scaling_config=RayScaling(
             num_workers=sc.num_workers,
@@ -238,8 +301,27 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=sc.max_failures),
         ),
-        torch_config=TorchConfig(
+        torch_config=PreemptibleTorchConfig(
             backend="nccl" if sc.use_gpu else "gloo", timeout_s=sc.collective_timeout_s
         ),  # fmt: skip
     )
-    return trainer.fit()
+    return _fit(cfg, job, trainer)
+
+
+def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
+    """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
+    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
+    rd = run_dir(cfg)
+    with run_lock(rd):
+        events_before = len(read_events(rd))
+        with driver_sigterm(rd), driver_progress(rd, job.total_steps, cfg.train.progress):
+            result = trainer.fit()
+        stops = [e for e in read_events(rd)[events_before:] if e["event"] == "preempt"]
+        if stops:
+            raise Preempted(stops[-1]["step"], stops[-1]["reason"])
+        if cfg.train.export_dir:
+            from training.export import export
+
+            out = export(rd, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype)
+            log.info("exported %s to %s", rd, out)
+    return result

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.batch import document_causal_mask, loss_targets, token_loss
+from training.batch import IGNORE_INDEX, document_causal_mask, loss_targets, token_loss
 from training.checkpoint import (
     HF_CONFIG_NAME,
     TrainState,
@@ -39,7 +39,10 @@ from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, MixedRows, validation_batches
 from training.ds_config import build_ds_config
 from training.errors import CheckpointError, NonFiniteError
+from training.lora import apply_lora
 from training.model import build_model, flops_per_token, init_parameter
+from training.observe import close_trackers, log_row
+from training.preempt import stop_reason
 from training.records import (
     METRICS_NAME,
     append_event,
@@ -95,6 +98,9 @@ class WorkerIO:
     resume_candidates: Callable[[], list[Path]] = list
     # Test hook called after each optimizer step with (step, rank): fault injection.
     after_step: Callable[[int, int], None] | None = None
+    # Test hook called with (module, step, rank) after the step's last backward, before the
+    # optimizer update: under ZeRO-0 the module's .grad holds the reduced gradient.
+    before_update: Callable[[torch.nn.Module, int, int], None] | None = None
 
 
 @dataclass
@@ -108,8 +114,8 @@ class _Ctx:
     dtype: torch.dtype
     flops_per_token: float
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the previous metrics row
-    loss_acc: torch.Tensor | None = None  # sum of micro-batch mean losses since the last log
-    micro_acc: int = 0
+    loss_acc: torch.Tensor | None = None  # this rank's share of step losses since the last log
+    steps_acc: int = 0  # steps since the last log
     step_lr: float = 0.0  # lr the last optimizer step ran at
     grad_norm: float | None = None  # pre-clip global grad norm of the last step
 
@@ -166,6 +172,8 @@ def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
         _zero3_init_weights(model, job.seed, job.model.init_std)
     else:
         model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=job.seed)
+    if job.train.lora.enabled:
+        model = apply_lora(model, job.train.lora, ckpt)
     # Right after construction: what this rank holds (ZeRO-3: about total / world).
     local, total = local_param_counts(model)
     write_worker_info(Path(job.run_dir), io.rank, {"rank": io.rank, "world_size": io.world_size,
@@ -232,8 +240,10 @@ def _maybe_resume(ctx: _Ctx) -> bool:
         if diff:
             raise CheckpointError(f"{cand}: cannot resume, changed: {', '.join(diff)}")
         # collective: every rank loads its own shards (same dir, rank-specific file names).
+        # LoRA checkpoints hold only the adapters; the frozen base came from model.init_from.
         path, _ = ctx.engine.load_checkpoint(str(cand), load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)  # fmt: skip
+                                             load_lr_scheduler_states=True,
+                                             load_module_strict=not ctx.job.train.lora.enabled)  # fmt: skip
         if path is None:
             raise CheckpointError(f"{cand}: DeepSpeed found no engine state")
         load_rng(Path(cand), ctx.io.rank)
@@ -270,43 +280,73 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(np.asarray(v)).long().to(device) for k, v in batch.items()}
 
 
+def _targets(ctx: _Ctx, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(mb, seq-1) next-token targets with IGNORE_INDEX where no loss (SFT: labels == -100)."""
+    labels = t.get("labels") if ctx.job.train.task == "sft" else None
+    return loss_targets(t["input_ids"], t["position_ids"], ctx.job.pad_id, labels)
+
+
 def _forward_loss(ctx: _Ctx, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, loss-token count) of one micro-batch; input_ids/position_ids (mb, seq)."""
     t = _to_device(batch, ctx.engine.device)
-    labels = t.get("labels") if ctx.job.train.task == "sft" else None
-    targets = loss_targets(t["input_ids"], t["position_ids"], ctx.job.pad_id, labels)
     mask = document_causal_mask(t["position_ids"], ctx.dtype)
     out = ctx.engine(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
-    return token_loss(out.logits, targets)
+    return token_loss(out.logits, _targets(ctx, t))
+
+
+def _global_loss_tokens(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> torch.Tensor:
+    """Loss-bearing tokens of the whole optimizer step, over all ranks and micro-batches.
+
+    collective: one all_reduce per step. Known before any forward, from the batches alone.
+    """
+    count = torch.zeros((), dtype=torch.long)
+    for mb in micro_batches:
+        t = {k: torch.from_numpy(np.asarray(mb[k])).long() for k in ("input_ids", "position_ids")}
+        if ctx.job.train.task == "sft":
+            t["labels"] = torch.from_numpy(np.asarray(mb["labels"])).long()
+        count += (_targets(ctx, t) != IGNORE_INDEX).sum()
+    count = count.to(ctx.engine.device)
+    dist.all_reduce(count)
+    return count
 
 
 def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
-    """One optimizer step over this rank's micro-batches (DeepSpeed scales by 1/grad_accum)."""
+    """One optimizer step over this rank's micro-batches.
+
+    The loss is the sum over every loss token of the step divided by the step's global count of
+    loss tokens (all ranks, all micro-batches), not a mean of per-micro-batch means: with SFT masks
+    the counts differ per micro-batch, and a mean of means would make the gradient depend on how
+    the batch is split over ranks and accumulation steps. DeepSpeed divides the backward loss by
+    grad_accum and averages gradients over ranks, so each micro-batch's sum is scaled by
+    grad_accum x world / global_count first.
+    """
     engine = ctx.engine
     skipped_before = engine.skipped_steps
     ctx.step_lr = float(engine.get_lr()[0])
-    step_loss = torch.zeros((), device=engine.device)
-    loss_tokens = torch.zeros((), dtype=torch.long, device=engine.device)
+    n_global = _global_loss_tokens(ctx, micro_batches)
+    scale = len(micro_batches) * ctx.io.world_size / n_global.clamp(min=1).double()
+    step_loss = torch.zeros((), device=engine.device)  # this rank's share of the step's mean
     for k, mb in enumerate(micro_batches):
-        total, count = _forward_loss(ctx, mb)
-        loss = total / count.clamp(min=1)
-        engine.backward(loss)  # collective at the accumulation boundary (gradient reduce)
-        if k == len(micro_batches) - 1 and ctx.job.deepspeed.zero_stage == 0:
+        total, _count = _forward_loss(ctx, mb)
+        engine.backward(total * scale.to(total.dtype))  # collective at the boundary (reduce)
+        last = k == len(micro_batches) - 1
+        if last and ctx.io.before_update is not None:
+            ctx.io.before_update(engine.module, ctx.state.step + 1, ctx.io.rank)
+        if last and ctx.job.deepspeed.zero_stage == 0:
             ctx.grad_norm = _local_grad_norm(engine.module)  # reduced, not yet clipped
         engine.step()  # optimizer step only at the boundary
-        step_loss += loss.detach()
-        loss_tokens += count
+        step_loss += total.detach() / n_global.clamp(min=1)
     if ctx.job.deepspeed.zero_stage > 0:
         norm = engine.get_global_grad_norm()  # computed inside ZeRO's step, same on every rank
         ctx.grad_norm = None if norm is None else float(norm)
     _health_check(ctx, step_loss, skipped_before)
     ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
-    ctx.micro_acc += len(micro_batches)
+    ctx.steps_acc += 1  # steps since the last log
     ctx.state.step += 1
     if ctx.job.record_row_ids:
         append_row_ids(Path(ctx.job.run_dir), ctx.io.rank, ctx.state.step, micro_batches)
     ctx.state.tokens_seen += ctx.data.global_rows * ctx.job.seq_len
-    ctx.state.loss_tokens_seen += int(loss_tokens)  # host sync; cheap next to a step
+    ctx.state.loss_tokens_seen += int(n_global)  # host sync; cheap next to a step
     ctx.state.epoch, ctx.state.step_in_epoch = divmod(ctx.state.step, ctx.data.steps_per_epoch)
 
 
@@ -345,6 +385,7 @@ def _health_check(ctx: _Ctx, step_loss: torch.Tensor, skipped_before: int) -> No
 
 def _write_metrics(ctx: _Ctx, row: dict[str, Any]) -> None:
     if ctx.io.rank == 0:
+        log_row(ctx.job.run_dir, ctx.job.train, row)  # before the append: it reads the file
         with (Path(ctx.job.run_dir) / METRICS_NAME).open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -360,7 +401,7 @@ def _log_row(ctx: _Ctx) -> dict[str, Any]:
     peak = ctx.job.train.peak_tflops
     row = {
         "step": ctx.state.step,
-        "loss": float(loss) / (ctx.micro_acc * ctx.io.world_size),
+        "loss": float(loss) / max(ctx.steps_acc, 1),  # mean of the steps' token means
         "lr": ctx.step_lr,
         "tokens_per_s": tokens_per_s,
         "grad_norm": ctx.grad_norm,
@@ -369,7 +410,7 @@ def _log_row(ctx: _Ctx) -> dict[str, Any]:
         "tokens_seen": ctx.state.tokens_seen,
         "epoch": ctx.state.epoch,
     }  # fmt: skip
-    ctx.last_log, ctx.loss_acc, ctx.micro_acc = (now, ctx.state.step), None, 0
+    ctx.last_log, ctx.loss_acc, ctx.steps_acc = (now, ctx.state.step), None, 0
     return row
 
 
@@ -392,10 +433,14 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
     """collective: every rank writes its shards to a fresh local dir and reports it."""
     tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{ctx.io.rank}_"))
     try:
-        ctx.engine.save_checkpoint(str(tmp), tag=f"global_step{ctx.state.step}")
+        lora = ctx.job.train.lora.enabled
+        ctx.engine.save_checkpoint(str(tmp), tag=f"global_step{ctx.state.step}",
+                                   exclude_frozen_parameters=lora)  # fmt: skip
         save_rng(tmp, ctx.io.rank)
         if ctx.io.rank == 0:
             write_state(tmp, ctx.state)
+            if lora:  # export rebuilds base + adapter from this and model.init_from
+                ctx.engine.module.peft_config["default"].save_pretrained(str(tmp))
             # The model's transformers config: export rebuilds the architecture from it.
             ctx.engine.module.config.to_json_file(str(tmp / HF_CONFIG_NAME))
         write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
@@ -419,6 +464,19 @@ def _after_step(ctx: _Ctx, last: bool) -> None:
         ctx.io.report(row, None, step)  # collective under Ray Train
 
 
+def _preempted(ctx: _Ctx) -> bool:
+    """collective: SIGTERM on the driver or any worker -> checkpoint this step and stop (True)."""
+    reason = stop_reason(ctx.job.run_dir, ctx.io.rank, ctx.engine.device)
+    if reason is None:
+        return False
+    if ctx.state.step % ctx.job.train.checkpoint_every:  # else _after_step just wrote it
+        _checkpoint(ctx, {"step": ctx.state.step})
+    if ctx.io.rank == 0:
+        append_event(Path(ctx.job.run_dir), "preempt", step=ctx.state.step, reason=reason)
+        log.warning("%s: checkpointed step %d and stopped", reason, ctx.state.step)
+    return True
+
+
 # ---------------------------------------------------------------- entry
 
 
@@ -431,6 +489,8 @@ def run_worker(job: WorkerJob, io: WorkerIO) -> TrainState:
             if io.after_step is not None:
                 io.after_step(ctx.state.step, io.rank)
             _after_step(ctx, last=ctx.state.step == job.total_steps)
+            if ctx.state.step < job.total_steps and _preempted(ctx):
+                break
         return ctx.state
     finally:
         _cleanup(ctx)
@@ -439,4 +499,5 @@ def run_worker(job: WorkerJob, io: WorkerIO) -> TrainState:
 def _cleanup(ctx: _Ctx) -> None:
     if ctx.io.rank == 0:
         log.info("worker done at step %d: %s", ctx.state.step, asdict(ctx.state))
+        close_trackers(ctx.job.run_dir)
     ctx.engine.destroy() if hasattr(ctx.engine, "destroy") else None

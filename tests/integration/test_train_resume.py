@@ -4,7 +4,9 @@ Three module-scoped runs on the session's real `data prepare` output (seq_len 12
 chat template), tiny model, 8 steps of 8 rows:
 - ``z0``: 1 worker, ZeRO-0, the numerics reference;
 - ``z3``: 2 workers, ZeRO-3, uninterrupted, checkpoints every 3 steps (kept: 6 and 8);
-- ``fault``: ``z3`` again with rank 1 SIGKILLed after step 5 and ``max_failures: 1``.
+- ``fault``: ``z3`` again with rank 1 SIGKILLed after step 5 and ``max_failures: 1``;
+- ``z1``: 2 workers, ZeRO-1, uninterrupted; ``z2``: 2 workers, ZeRO-2, rank 1 sent SIGTERM after
+  step 3 (a preempted node), then the same call again, which resumes and finishes.
 The re-run and corrupt-checkpoint tests work on copies of the fault run's dir.
 """
 
@@ -22,6 +24,7 @@ import pytest
 
 from cluster.config import load_config
 from training.checkpoint import verify_checkpoint
+from training.errors import Preempted
 from training.launcher import KILL_ENV, plan_job, run_dir, train
 from training.records import read_events, read_row_ids
 
@@ -84,6 +87,45 @@ def fault(ray_local, prepared_pretrain, storage):
     with mock.patch.dict(os.environ, {KILL_ENV: "5:1"}):
         _run(cfg)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def z1(ray_local, prepared_pretrain, storage):
+    cfg = _cfg(prepared_pretrain, storage, "z1", "deepspeed.zero_stage=1",
+               "train.checkpoint_every=100")  # fmt: skip
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def z2(ray_local, prepared_pretrain, storage):
+    """(config, the Preempted error of the first call)."""
+    cfg = _cfg(prepared_pretrain, storage, "z2", "deepspeed.zero_stage=2",
+               "train.checkpoint_every=100")  # fmt: skip
+    with mock.patch.dict(os.environ, {KILL_ENV: "3:1:TERM"}), pytest.raises(Preempted) as stop:
+        train(cfg)
+    train(cfg)
+    return cfg, stop.value
+
+
+@pytest.mark.parametrize("which", ["z1", "z2"])
+def test_zero12_two_workers_match_zero0_one_worker(which, z0, request) -> None:
+    cfg = request.getfixturevalue(which)
+    cfg = cfg[0] if isinstance(cfg, tuple) else cfg
+    ref = [r["loss"] for r in _metrics(run_dir(z0))]
+    got = [r["loss"] for r in _metrics(run_dir(cfg))]
+    assert len(got) == STEPS and got == pytest.approx(ref, rel=1e-5)
+
+
+def test_sigterm_to_one_worker_checkpoints_that_step_and_the_rerun_resumes(z2) -> None:
+    cfg, stop = z2
+    rd = run_dir(cfg)
+    assert (rd / ".test_killed").read_text() == "3"  # rank 1 got SIGTERM after step 3
+    # Seen at the very next step boundary, by both ranks (else a collective would hang).
+    assert stop.step == 3 and stop.reason == "SIGTERM to a worker"
+    assert [(e["event"], e["step"]) for e in read_events(rd)] == [("preempt", 3), ("resume", 3)]
+    assert verify_checkpoint(rd / "checkpoint_00000003").step == 3
+    assert verify_checkpoint(rd / f"checkpoint_{STEPS:08d}").step == STEPS
 
 
 def test_zero3_two_workers_match_zero0_one_worker(z0, z3) -> None:

@@ -59,9 +59,15 @@ def test_empty_file_and_messages():
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     no_answer = {"messages": [{"role": "user", "content": "hi"}]}
     bad_role = {"messages": [{"role": "robot", "content": "hi"}]}
-    data = "\n".join(json.dumps(x) for x in (good, no_answer, bad_role)).encode()
+    ends_on_user = {"messages": good["messages"] + [{"role": "user", "content": "and?"}]}
+    data = "\n".join(json.dumps(x) for x in (good, no_answer, bad_role, ends_on_user)).encode()
     recs = list(parse_file("c.jsonl", data, "auto", sft=True))
-    assert [r.reason for r in recs] == ["", "invalid_messages", "invalid_messages"]
+    assert [(r.source, r.reason) for r in recs] == [
+        ("c.jsonl:1", ""),
+        ("c.jsonl:2", "last_turn_not_assistant"),
+        ("c.jsonl:3", "invalid_messages"),
+        ("c.jsonl:4", "last_turn_not_assistant"),
+    ]
     as_text = list(parse_file("c.jsonl", data, "auto", messages_as_text=True))
     assert as_text[0].payload == "hi\nyo"
 

@@ -1,0 +1,90 @@
+"""LoRA adapters through ``peft``: wrap a built model, check names on the driver, rebuild at export.
+
+No ray, no deepspeed. Only adapter weights (and ``modules_to_save``) require grad, so the engine's
+optimizer holds just those and checkpoints exclude the frozen base, which a resume or an export
+reloads from ``model.init_from``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import LoraConfig
+from training.errors import TrainConfigError
+
+__all__ = ["ADAPTER_CONFIG_NAME", "apply_lora", "check_lora_targets", "load_adapter", "peft_config"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def peft_config(cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
+        # A trained copy of a tied embedding stays tied to the output head (and vice versa).
+        ensure_weight_tying=bool(cfg.modules_to_save),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, activation_checkpointing: bool) -> Any:
+    """The model wrapped in a ``PeftModel``; base weights frozen, adapters trainable."""
+    from peft import get_peft_model
+
+    if activation_checkpointing:
+        # Checkpointed blocks need an input that requires grad, which a frozen embedding is not.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(cfg))
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def check_lora_targets(hf_conf: Any, cfg: LoraConfig) -> None:
+    """Driver-side: every target and saved module names a module of the model (meta device, no
+    memory). peft would only fail inside the workers."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_conf)
+    modules = dict(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if isinstance(m, torch.nn.Linear)})  # fmt: skip
+    for key, wanted in (("target_modules", cfg.target_modules),
+                        ("modules_to_save", cfg.modules_to_save)):  # fmt: skip
+        missing = [t for t in wanted if not any(_matches(n, t) for n in modules if n)]
+        if missing:
+            raise TrainConfigError(
+                f"train.lora.{key}: {missing} not in the model; its linear modules are {linear}"
+            )
+
+
+def load_adapter(base: torch.nn.Module, adapter_dir: Path, state: dict[str, torch.Tensor]) -> Any:
+    """``base`` wrapped with the adapter config saved in ``adapter_dir`` and the trained tensors
+    ``state`` (names as the training module had them); every adapter tensor must be present."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model = get_peft_model(base, PeftLoraConfig.from_pretrained(str(adapter_dir)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    # Tied modules_to_save copies may appear under both names (embedding and output head).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir}: adapter tensors do not fit the config: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return model
