@@ -18,9 +18,7 @@ __all__ = ["main", "build_parser"]
 
 PLANNED = {
     "train": "pretraining and fine-tuning with Ray Train + DeepSpeed",
-    "eval": "perplexity and task scores",
     "serve": "the OpenAI-compatible Ray Serve endpoint",
-    "doctor": "cluster preflight checks",
 }
 
 
@@ -89,18 +87,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from cluster.config import write_resolved
     from cluster.ray_env import ray_session
-    from training.errors import TrainConfigError
+    from training.errors import Preempted, RunLockedError, TrainConfigError
     from training.launcher import plan_job, run_dir, train
+    from training.preempt import EXIT_PREEMPTED
+    from training.runlock import run_lock
 
     try:
         job = plan_job(cfg)  # every config check runs here, before Ray starts any worker
     except TrainConfigError as exc:
         raise ConfigError(str(exc)) from None
-    write_resolved(cfg, run_dir(cfg))
-    with ray_session(cfg.ray):
-        result = train(cfg, job)
+    try:
+        # Locked before the resolved config is written: a live run's copy is never replaced.
+        with run_lock(run_dir(cfg)):
+            write_resolved(cfg, run_dir(cfg))
+            with ray_session(cfg.ray):
+                _require_shared_storage(cfg)
+                result = train(cfg, job)
+    except RunLockedError as exc:
+        print(f"raylm train: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(f"raylm train: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"raylm train: run dir {run_dir(cfg)}; latest checkpoint {result.checkpoint}")
+    if cfg.train.export_dir:
+        print(f"raylm train: exported to {Path(cfg.train.export_dir).resolve()}")
     return 0
+
+
+def _require_shared_storage(cfg: RaylmConfig) -> None:
+    """Multi-node only: a probe (a file written on each node, read on every other) decides."""
+    from cluster.storage import StorageNotShared, require_shared_storage
+
+    try:
+        require_shared_storage(cfg.train.storage_path)
+    except StorageNotShared as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.doctor import main_doctor
+    from cluster.ray_env import cluster_address
+
+    address = args.address or cluster_address(cfg.ray)
+    return main_doctor(cfg, address, with_config=bool(args.config or args.overrides))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -133,11 +164,45 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from training.export import export
 
     try:
-        out = export(args.run_or_checkpoint, args.out, dtype=args.dtype)
+        out = export(args.run_or_checkpoint, args.out, dtype=args.dtype,
+                     adapter_only=args.adapter_only)  # fmt: skip
     except (CheckpointError, FileExistsError, ValueError) as exc:
         print(f"raylm export: {exc}", file=sys.stderr)
         return 1
     print(f"raylm export: wrote {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.compare:
+        return _compare_evals(args)
+    cfg = _load(args)
+    from cluster.evaluate import run_eval
+    from training.evaluate import EvalError, eval_output, format_table
+
+    try:
+        report = run_eval(cfg.eval, cfg.name, progress=sys.stderr.isatty())
+    except EvalError as exc:  # every input check runs before a model loads
+        raise ConfigError(str(exc)) from None
+    out = eval_output(cfg.eval, cfg.name)
+    write_resolved(cfg, out)
+    print(format_table(report))
+    print(f"raylm eval: wrote {out / 'eval.json'}")
+    return 0
+
+
+def _compare_evals(args: argparse.Namespace) -> int:
+    from training.evaluate import compare_table, load_report
+
+    if args.config or args.overrides:
+        print("raylm eval: --compare reads two eval.json files; drop CONFIG/--set", file=sys.stderr)
+        return 2
+    try:
+        a, b = (load_report(path) for path in args.compare)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"raylm eval: {exc}", file=sys.stderr)
+        return 2
+    print(compare_table(a, b))
     return 0
 
 
@@ -192,10 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    for name in ("eval",):
-        p = sub.add_parser(name, help=f"{PLANNED[name]} (not built yet)")
-        _add_config_args(p)
-        p.set_defaults(func=_planned(name))
+    p = sub.add_parser(
+        "eval", help="held-out perplexity and task scores of a model dir; --compare two runs"
+    )
+    _add_config_args(p)
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="print two eval.json files (or dirs holding one) side by side; runs no model")  # fmt: skip
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("serve", help=PLANNED["serve"] + "; blocks and prints the URL")
     _add_config_args(p)
     p.set_defaults(func=_cmd_serve)
@@ -207,10 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dir (replaced if it is a raylm export)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype in model.safetensors (default fp32)")  # fmt: skip
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: write the adapter alone (peft format), not the merged model")  # fmt: skip
     p.set_defaults(func=_cmd_export)
-    p = sub.add_parser("doctor", help=f"{PLANNED['doctor']} (not built yet)")
-    p.add_argument("--address")
-    p.set_defaults(func=_planned("doctor"))
+    p = sub.add_parser("doctor", help="cluster preflight checks, one line each with the fix")
+    _add_config_args(p)
+    p.add_argument("--address", help="GCS address HOST:6379 (default: ray.address, RAY_ADDRESS, "
+                   "a `ray start` cluster on this machine, else local Ray)")  # fmt: skip
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("quickstart", help="the main job on the embedded synthetic corpus")
     p.add_argument("--workdir", default="runs/quickstart", help="where every stage writes")

@@ -59,7 +59,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_cli_lists_every_command_and_unbuilt_ones_fail(capsys):
+def test_cli_lists_every_command():
     helptext = build_parser().format_help()
     for cmd in (
         "synth",
@@ -74,8 +74,6 @@ def test_cli_lists_every_command_and_unbuilt_ones_fail(capsys):
         "doctor",
     ):
         assert cmd in helptext
-    assert main(["doctor"]) != 0
-    assert "not built yet" in capsys.readouterr().err
 
 
 def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
