@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache

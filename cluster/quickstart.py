@@ -1,34 +1,128 @@
 """``raylm quickstart``: the main job on the embedded synthetic corpus, one line per stage.
 
-Built so far: synth -> tokenizer -> data prepare (pretraining and SFT) -> pretraining (2 Ray Train
-workers, DeepSpeed ZeRO-2). Export, fine-tuning, eval and serving join the chain as they land.
+synth -> tokenizer -> data prepare (pretraining and SFT) -> pretraining (2 Ray Train workers,
+DeepSpeed ZeRO-2) -> export -> SFT fine-tuning -> export -> eval (the pretrained model as control)
+-> Ray Serve endpoint answering one chat request over HTTP -> summary. Every stage is also a YAML
+in ``configs/`` run by its own command; a second run reuses finished stages (content hashes, a
+finished training run, an export of the newest checkpoint) instead of redoing them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cluster.config import RaylmConfig, load_config, write_resolved
 
-__all__ = ["run_quickstart", "quickstart_configs"]
+__all__ = [
+    "QUICKSTART_FILES",
+    "SUMMARY_NAME",
+    "device_overrides",
+    "quickstart_configs",
+    "run_quickstart",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_ROOT = "runs/quickstart"
+# Stage name -> the shipped YAML that runs it alone.
+QUICKSTART_FILES = {
+    "pretrain": "quickstart.yaml",
+    "sft": "quickstart_sft.yaml",
+    "eval": "eval_quickstart.yaml",
+    "serve": "serve.yaml",
+}
+STAGES = 10
+SUMMARY_NAME = "summary.json"  # what the closing summary printed, for scripts and tests
 
 
-def quickstart_configs(workdir: str, overrides: list[str]) -> tuple[RaylmConfig, RaylmConfig]:
+@dataclass
+class Configs:
+    pretrain: RaylmConfig
+    sft: RaylmConfig
+    eval: RaylmConfig
+    serve: RaylmConfig
+
+
+@dataclass
+class Outcome:
+    """What the summary prints: artifact paths and headline numbers, filled stage by stage."""
+
+    workdir: Path
+    artifacts: dict[str, str] = field(default_factory=dict)
+    numbers: dict[str, str] = field(default_factory=dict)
+    compare: str = ""
+    answer: dict[str, Any] = field(default_factory=dict)
+
+
+def device_overrides(cuda_devices: int) -> list[str]:
+    """Config overrides for this machine: with CUDA, GPU workers in bf16 and a GPU per replica."""
+    if cuda_devices <= 0:
+        return []
+    return [
+        "scaling.use_gpu=true",
+        f"scaling.num_workers={min(2, cuda_devices)}",
+        "deepspeed.precision=bf16",
+        "serve.num_gpus=1",
+    ]
+
+
+def quickstart_configs(workdir: str, overrides: list[str]) -> Configs:
     """The shipped quickstart YAMLs with every path moved under ``workdir``."""
+    root = workdir.rstrip("/")
 
-    def load(name: str) -> RaylmConfig:
-        text = (CONFIG_DIR / name).read_text().replace(DEFAULT_ROOT, workdir.rstrip("/"))
+    def load(name: str, extra: list[str]) -> RaylmConfig:
+        text = (CONFIG_DIR / name).read_text().replace(DEFAULT_ROOT, root)
         tmp = Path(workdir) / "configs" / name
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
-        return load_config(tmp, overrides)
+        return load_config(tmp, extra + overrides)
 
-    return load("quickstart.yaml"), load("quickstart_sft.yaml")
+    import torch
+
+    dev = device_overrides(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    train_dev = [o for o in dev if not o.startswith("serve.")]
+    serve_dev = [o for o in dev if o.startswith("serve.")]
+    return Configs(
+        pretrain=load(QUICKSTART_FILES["pretrain"], train_dev),
+        sft=load(QUICKSTART_FILES["sft"], train_dev),
+        eval=load(QUICKSTART_FILES["eval"], []),
+        serve=load(QUICKSTART_FILES["serve"], serve_dev),
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+class _Progress:
+    """One line per stage above a stage progress bar (tqdm on stderr)."""
+
+    def __init__(self, total: int) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        # No bar in logs (CI, `ray job submit`): the stage lines alone say the same.
+        self.bar = tqdm(total=total, unit="stage", leave=False, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())  # fmt: skip
+        self.n = 0
+
+    def run(self, name: str, fn: Callable[[], str]) -> None:
+        self.n += 1
+        self.bar.set_description(name)
+        t = time.perf_counter()
+        detail = fn()
+        self.bar.write(f"[{self.n}/{self.bar.total}] {name:<18} {detail}  "
+                       f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _quiet_ray_data() -> None:
@@ -43,8 +137,27 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _stage(n: int, total: int, name: str, detail: str, seconds: float) -> None:
-    print(f"[{n}/{total}] {name:<18} {detail}  ({seconds:.1f}s)", flush=True)
+@contextlib.contextmanager
+def _ray(cfg: RaylmConfig) -> Iterator[None]:
+    """Join a cluster when one is configured; else a local instance that keeps worker logs in
+    their files (Ray Train's per-report lines would bury the stage lines)."""
+    import ray
+
+    from cluster.ray_env import WORKER_ENV, _cluster_address, local_num_cpus, ray_session
+
+    if ray.is_initialized() or _cluster_address(cfg.ray):
+        with ray_session(cfg.ray):
+            yield
+        return
+    ray.init(num_cpus=local_num_cpus(cfg.ray.num_cpus), include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- stages
 
 
 def _synth(corpus: Path, docs: int, seed: int) -> str:
@@ -67,16 +180,15 @@ def _tokenizer(cfg: RaylmConfig) -> str:
     if (out / "tokenizer.json").is_file() and resolved.is_file():
         import yaml
 
-        if yaml.safe_load(resolved.read_text()).get("tokenizer") == cfg.tokenizer.model_dump(
-            mode="json"
-        ):
+        saved = yaml.safe_load(resolved.read_text()).get("tokenizer")
+        if saved == cfg.tokenizer.model_dump(mode="json"):
             return f"{out} (reused)"
     train_tokenizer(cfg.tokenizer, cfg.data, progress=False)
     write_resolved(cfg, out)
     return str(out)
 
 
-def _prepare(cfg: RaylmConfig) -> tuple[str, dict]:
+def _prepare(cfg: RaylmConfig) -> str:
     from data_pipelines.prepare import prepare
 
     result = prepare(cfg.data, cfg.data.tokenizer, progress=False)
@@ -86,53 +198,202 @@ def _prepare(cfg: RaylmConfig) -> tuple[str, dict]:
         f"{m['documents_kept']}/{m['documents_read']} docs, {m['tokens']} tokens, "
         f"{m['splits']['train']['rows']}+{m['splits']['validation']['rows']} rows"
     )
-    return detail + (" (reused)" if result.skipped else ""), m
+    return detail + (" (reused)" if result.skipped else "")
 
 
-def _pretrain(cfg: RaylmConfig) -> str:
+def _train(cfg: RaylmConfig, out: Outcome, key: str) -> str:
     """2 Ray Train workers under ZeRO-2; a finished run resumes from its last checkpoint at once."""
     from training.launcher import plan_job, run_dir, train
 
     job = plan_job(cfg)
-    write_resolved(cfg, run_dir(cfg))
-    train(cfg, job)
+    reused = _finished(run_dir(cfg), job.config_hash, job.total_steps)
+    if not reused:
+        write_resolved(cfg, run_dir(cfg))
+        train(cfg, job)
     rows = [json.loads(x) for x in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines() if x]
     evals = [r for r in rows if "eval_loss" in r]
     last = rows[-1] if rows else {}
     detail = f"step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}"
     if evals:
         detail += f", eval loss {evals[-1]['eval_loss']:.3f} (ppl {evals[-1]['perplexity']:.1f})"
-    return detail
+    out.artifacts[f"{key} run"] = str(run_dir(cfg))
+    out.numbers[key] = detail
+    return detail + (" (reused)" if reused else "")
+
+
+def _finished(run: Path, config_hash: str, total_steps: int) -> bool:
+    """A run of this exact config whose newest intact checkpoint is its last step: no need to
+    start workers only to find there is nothing left to train."""
+    from training.errors import CheckpointError
+    from training.export import find_checkpoint
+
+    try:
+        _, state = find_checkpoint(run)
+    except CheckpointError:
+        return False
+    return state.config_hash == config_hash and state.step >= total_steps
+
+
+def _export(cfg: RaylmConfig, dest: Path, out: Outcome, key: str) -> str:
+    """Export the run's newest intact checkpoint; an export of that same checkpoint is reused."""
+    from training.export import PROVENANCE_NAME, export, find_checkpoint
+    from training.launcher import run_dir
+
+    ckpt, state = find_checkpoint(run_dir(cfg))
+    out.artifacts[f"{key} export"] = str(dest)
+    prov = dest / PROVENANCE_NAME
+    if prov.is_file() and json.loads(prov.read_text()).get("checkpoint") == str(ckpt.resolve()):
+        return f"{dest} (reused, step {state.step})"
+    export(ckpt, dest)
+    return f"{dest} (step {state.step})"
+
+
+def _eval_one(cfg: RaylmConfig, model: Path, output: Path) -> dict[str, Any]:
+    """eval.json for ``model``; reused when the model's provenance and the eval config match."""
+    from cluster.evaluate import run_eval
+    from training.evaluate import EVAL_NAME
+
+    ecfg = cfg.eval.model_copy(update={"model": str(model), "output": str(output)})
+    key = hashlib.sha256(
+        (model / "provenance.json").read_bytes() + json.dumps(ecfg.model_dump(mode="json"),
+                                                              sort_keys=True).encode()
+    ).hexdigest()  # fmt: skip
+    marker = output / ".quickstart_key"
+    if marker.is_file() and marker.read_text() == key and (output / EVAL_NAME).is_file():
+        return json.loads((output / EVAL_NAME).read_text())
+    report = run_eval(ecfg, cfg.name)
+    marker.write_text(key)
+    return report
+
+
+def _eval(cfg: Configs, out: Outcome) -> str:
+    """The fine-tuned export against the pretrained-only control, on the same held-out data."""
+    from training.evaluate import compare_table, flat_metrics
+
+    root = out.workdir / "eval"
+    control = _eval_one(cfg.eval, Path(out.artifacts["pretrain export"]), root / "pretrain")
+    tuned = _eval_one(cfg.eval, Path(out.artifacts["sft export"]), root / "sft")
+    out.compare = compare_table(control, tuned)
+    out.artifacts["eval"] = f"{root}/{{pretrain,sft}}/eval.json"
+    a, b = flat_metrics(control), flat_metrics(tuned)
+    key = "sentiment accuracy"
+    if key in a and key in b:
+        out.numbers["sentiment"] = f"{b[key][0]:.1f}% (control {a[key][0]:.1f}%, n={b[key][1]})"
+        return f"sentiment accuracy {b[key][0]:.1f}% vs control {a[key][0]:.1f}%"
+    return f"{len(b)} metrics"
+
+
+def _chat(url: str, model: str, prompt: str) -> dict[str, Any]:
+    import urllib.request
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 32, "temperature": 0}  # fmt: skip
+    req = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def _serve(cfg: RaylmConfig, out: Outcome) -> str:
+    """Deploy the fine-tuned export on Ray Serve, ask one chat question over HTTP, shut down."""
+    from ray import serve
+
+    from serving.deployment import start
+
+    corpus = out.workdir / "corpus" / "sft" / "heldout" / "sentiment.jsonl"
+    question = json.loads(corpus.read_text().splitlines()[0])
+    url = start(cfg.serve)
+    try:
+        reply = _chat(url, cfg.serve.models[0].name, question["messages"][0]["content"])
+    finally:
+        serve.delete(cfg.serve.app_name)
+        if not serve.status().applications:  # on a shared cluster, other apps keep Serve up
+            serve.shutdown()
+    choice = reply["choices"][0]
+    out.answer = {"url": url, "question": question["messages"][0]["content"],
+                  "reference": question["reference"], "answer": choice["message"]["content"],
+                  "finish_reason": choice["finish_reason"]}  # fmt: skip
+    return f"{url}: {choice['message']['content']!r} (finish_reason {choice['finish_reason']})"
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _plots(cfg: Configs) -> list[str]:
+    from training.launcher import run_dir
+    from training.report import report
+
+    paths: list[str] = []
+    for c in (cfg.pretrain, cfg.sft):
+        paths += [str(p) for p in report(run_dir(c)).plots]
+    return paths
+
+
+def _summary(cfg: Configs, out: Outcome, seconds: float) -> str:
+    lines = [f"\nquickstart finished in {seconds:.0f}s", "", "Artifacts:"]
+    lines += [f"  {k:<16} {v}" for k, v in out.artifacts.items()]
+    lines += ["", "Numbers:"] + [f"  {k:<16} {v}" for k, v in out.numbers.items()]
+    if out.compare:
+        lines += ["", "Eval (A: pretrained-only control, B: fine-tuned):"]
+        lines += ["  " + x for x in out.compare.splitlines()]
+    if out.answer:
+        a = out.answer
+        lines += ["", f"Chat over HTTP ({a['url']}/chat/completions):",
+                  f"  user       {a['question']!r}", f"  assistant  {a['answer']!r} "
+                  f"(finish_reason {a['finish_reason']}; reference {a['reference']!r})"]  # fmt: skip
+    lines += ["", "Curves:"] + [f"  {p}" for p in _plots(cfg)]
+    lines += ["", "Each stage alone (locally, or on a cluster as "
+              "`ray job submit --working-dir . -- <command>`, see cluster/README.md):"]  # fmt: skip
+    for cmd in _stage_commands():
+        lines.append(f"  {cmd}")
+    return "\n".join(lines)
+
+
+def _stage_commands() -> list[str]:
+    f = {k: f"configs/{v}" for k, v in QUICKSTART_FILES.items()}
+    return [
+        f"raylm synth --out {DEFAULT_ROOT}/corpus",
+        f"raylm tokenizer train {f['pretrain']}",
+        f"raylm data prepare {f['pretrain']}   and   raylm data prepare {f['sft']}",
+        f"raylm train {f['pretrain']}",
+        f"raylm export {DEFAULT_ROOT}/train/quickstart --out {DEFAULT_ROOT}/export/pretrain",
+        f"raylm train {f['sft']}",
+        f"raylm export {DEFAULT_ROOT}/train/quickstart-sft --out {DEFAULT_ROOT}/export/sft",
+        f"raylm eval {f['eval']}",
+        f"raylm serve {f['serve']}",
+    ]
 
 
 def run_quickstart(
     workdir: str = DEFAULT_ROOT, overrides: list[str] | None = None, docs: int = 4000
 ) -> int:
-    from cluster.ray_env import ray_session
-
-    pre_cfg, sft_cfg = quickstart_configs(workdir, overrides or [])
-    corpus = Path(workdir) / "corpus"
-    total, started = 5, time.perf_counter()
-    t = time.perf_counter()
-    _stage(1, total, "synth", _synth(corpus, docs, pre_cfg.seed), time.perf_counter() - t)
-    with ray_session(pre_cfg.ray):
-        _quiet_ray_data()
-        t = time.perf_counter()
-        _stage(2, total, "tokenizer train", _tokenizer(pre_cfg), time.perf_counter() - t)
-        t = time.perf_counter()
-        detail, pre_manifest = _prepare(pre_cfg)
-        _stage(3, total, "data prepare", detail, time.perf_counter() - t)
-        t = time.perf_counter()
-        detail, sft_manifest = _prepare(sft_cfg)
-        _stage(4, total, "data prepare sft", detail, time.perf_counter() - t)
-        t = time.perf_counter()
-        _stage(5, total, "pretrain", _pretrain(pre_cfg), time.perf_counter() - t)
-    print(f"\nquickstart finished in {time.perf_counter() - started:.0f}s. Artifacts:")
-    print(f"  corpus      {corpus}")
-    print(f"  tokenizer   {pre_cfg.tokenizer.output}")
-    print(f"  data        {pre_cfg.data.output}/manifest.json")
-    print(f"  sft         {sft_cfg.data.output}/manifest.json")
-    print(f"  run         {pre_cfg.train.storage_path}/{pre_cfg.name}/metrics.jsonl")
-    print("Run a stage alone: raylm tokenizer train | data prepare | train configs/quickstart.yaml")
-    print("Next stages (export, fine-tune, eval, serve) are not in the quickstart yet.")
+    cfg = quickstart_configs(workdir, overrides or [])
+    out = Outcome(workdir=Path(workdir))
+    corpus = out.workdir / "corpus"
+    out.artifacts.update(corpus=str(corpus), tokenizer=cfg.pretrain.tokenizer.output,
+                         data=cfg.pretrain.data.output, sft_data=cfg.sft.data.output)  # fmt: skip
+    started = time.perf_counter()
+    bar = _Progress(STAGES)
+    try:
+        bar.run("synth", lambda: _synth(corpus, docs, cfg.pretrain.seed))
+        with _ray(cfg.pretrain):
+            _quiet_ray_data()
+            bar.run("tokenizer train", lambda: _tokenizer(cfg.pretrain))
+            bar.run("data prepare", lambda: _prepare(cfg.pretrain))
+            bar.run("data prepare sft", lambda: _prepare(cfg.sft))
+            bar.run("pretrain", lambda: _train(cfg.pretrain, out, "pretrain"))
+            pre_export = Path(cfg.sft.model.init_from)
+            bar.run("export", lambda: _export(cfg.pretrain, pre_export, out, "pretrain"))
+            bar.run("fine-tune (SFT)", lambda: _train(cfg.sft, out, "sft"))
+            sft_export = Path(cfg.serve.serve.models[0].path)
+            bar.run("export sft", lambda: _export(cfg.sft, sft_export, out, "sft"))
+            bar.run("eval", lambda: _eval(cfg, out))
+            bar.run("serve + chat", lambda: _serve(cfg.serve, out))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    print(_summary(cfg, out, seconds), flush=True)
+    summary = {"seconds": round(seconds, 1), "artifacts": out.artifacts, "numbers": out.numbers,
+               "chat": out.answer}  # fmt: skip
+    (out.workdir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return 0

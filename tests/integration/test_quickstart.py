@@ -1,0 +1,141 @@
+"""The main job end to end: `raylm quickstart` with smaller sizes on the session's Ray instance.
+
+One module-scoped run of the shipped quickstart (4,000 synthetic documents, 150 pretraining and 150
+SFT steps with 2 Ray Train workers under ZeRO-2, eval of both exports, a Ray Serve endpoint answering
+one chat request; only the HTTP port differs) serves the stage-contract tests; a LoRA fine-tune of the same pretrained export is scored against
+the same control. Held-out sentiment: 200 examples, 100 per label.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster.quickstart import SUMMARY_NAME, run_quickstart
+
+pytestmark = pytest.mark.timeout(1800)
+STEPS = 150  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yaml
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides() -> list[str]:
+    return [f"serve.port={_free_port()}"]
+
+
+@pytest.fixture(scope="module")
+def quickstart(ray_local, tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("quickstart")
+    assert run_quickstart(str(workdir), overrides=_overrides(), docs=4000) == 0
+    return workdir, json.loads((workdir / SUMMARY_NAME).read_text())
+
+
+def _eval(workdir: Path, which: str) -> dict:
+    report = json.loads((workdir / "eval" / which / "eval.json").read_text())
+    return {t["task"]: t for t in report["tasks"]} | {"perplexity": report["perplexity"]}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_data_and_training_stages_meet_their_contracts(quickstart) -> None:
+    workdir, summary = quickstart
+    pre = json.loads((workdir / "data" / "pretrain" / "manifest.json").read_text())
+    assert pre["documents_read"] == 4000 and pre["documents_kept"] > 3900
+    sft = json.loads((workdir / "data" / "sft" / "manifest.json").read_text())
+    assert sft["documents_read"] == 3000 and sft["splits"]["train"]["rows"] > 0
+    for run in ("pretrain run", "sft run"):
+        rows = _rows(Path(summary["artifacts"][run]) / "metrics.jsonl")
+        assert rows[-1]["step"] == STEPS
+        assert rows[-1]["loss"] < rows[0]["loss"]
+        assert any("eval_loss" in r for r in rows)
+
+
+def test_exports_load_offline_and_stop_at_end_of_turn(quickstart) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    workdir, summary = quickstart
+    export = Path(summary["artifacts"]["sft export"])
+    tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True).eval()
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end in model.generation_config.eos_token_id
+    first = (workdir / "corpus" / "sft" / "heldout" / "sentiment.jsonl").read_text().splitlines()[0]
+    record = json.loads(first)
+    ids = tok.apply_chat_template(record["messages"], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    assert new[-1] == end and len(new) < 32  # stopped by itself, not by the length limit
+    assert tok.decode(new, skip_special_tokens=True).strip() == record["reference"]
+
+
+def test_fine_tuned_model_beats_the_pretrained_control(quickstart) -> None:
+    workdir, _ = quickstart
+    tuned, control = _eval(workdir, "sft"), _eval(workdir, "pretrain")
+    sentiment = tuned["sentiment"]
+    assert sentiment["n"] == 200  # 100 positive + 100 negative held-out reviews
+    assert sentiment["metrics"]["accuracy"] >= 90.0
+    assert control["sentiment"]["metrics"]["accuracy"] < 50.0
+    assert tuned["qa"]["metrics"]["token_f1"] > control["qa"]["metrics"]["token_f1"]
+    assert tuned["rewrite"]["metrics"]["chrf"] > control["rewrite"]["metrics"]["chrf"]
+
+
+def test_chat_answer_over_http_ends_with_stop(quickstart) -> None:
+    _, summary = quickstart
+    chat = summary["chat"]
+    assert chat["url"].startswith("http://127.0.0.1:")
+    assert chat["finish_reason"] == "stop"
+    assert chat["answer"].strip() == chat["reference"]
+
+
+def test_second_run_reuses_finished_stages(quickstart, capsys) -> None:
+    workdir, _ = quickstart
+    capsys.readouterr()
+    assert run_quickstart(str(workdir), overrides=_overrides(), docs=4000) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert len(lines) == 10
+    assert all("(reused" in x for x in lines[:9]), lines  # every stage but serving
+    assert "finish_reason stop" in lines[9]
+
+
+def test_lora_fine_tune_beats_the_control_by_20_points(quickstart, tmp_path) -> None:
+    from cluster.config import load_config
+    from cluster.evaluate import run_eval
+    from training.export import export
+    from training.launcher import run_dir, train
+
+    workdir, summary = quickstart
+    cfg = load_config(workdir / "configs" / "quickstart_sft.yaml", [
+        "name=quickstart-lora",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.max_steps=100",
+        "train.lr=0.01",
+        "train.min_lr=0.001",
+        "train.lora.enabled=true",
+        "train.lora.rank=16",
+        "train.lora.alpha=32",
+        "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+        # The chat tokens never occur in pretraining: their (tied) embeddings must train too.
+        "train.lora.modules_to_save=[embed_tokens]",
+    ])  # fmt: skip
+    train(cfg)
+    merged = export(run_dir(cfg), tmp_path / "merged")
+    heldout = workdir / "corpus" / "sft" / "heldout" / "sentiment.jsonl"
+    ecfg = cfg.eval.model_copy(update={"model": str(merged), "tasks": [str(heldout)],
+                                       "perplexity_data": [], "output": str(tmp_path / "eval")})  # fmt: skip
+    report = run_eval(ecfg, "lora")
+    lora = {t["task"]: t for t in report["tasks"]}["sentiment"]["metrics"]["accuracy"]
+    control = _eval(workdir, "pretrain")["sentiment"]["metrics"]["accuracy"]
+    assert lora >= control + 20.0
+    assert lora >= 75.0  # not a constant answer (that would score 50)

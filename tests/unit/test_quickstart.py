@@ -1,0 +1,28 @@
+"""The quickstart's machine-dependent choices and its shipped configs (no Ray)."""
+
+from __future__ import annotations
+
+from cluster.config import load_config
+from cluster.quickstart import CONFIG_DIR, QUICKSTART_FILES, device_overrides, quickstart_configs
+
+
+def test_cpu_machine_keeps_the_shipped_configs() -> None:
+    assert device_overrides(0) == []
+
+
+def test_gpu_machine_uses_gpu_workers_bf16_and_a_gpu_per_replica() -> None:
+    over = device_overrides(4)
+    cfg = load_config(CONFIG_DIR / QUICKSTART_FILES["pretrain"], over)
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 2
+    assert cfg.deepspeed.precision == "bf16"
+    assert load_config(CONFIG_DIR / QUICKSTART_FILES["serve"], over).serve.num_gpus == 1
+    assert load_config(None, device_overrides(1)).scaling.num_workers == 1
+
+
+def test_every_stage_path_moves_under_the_workdir(tmp_path) -> None:
+    cfg = quickstart_configs(str(tmp_path / "qs"), [])
+    root = str(tmp_path / "qs")
+    assert cfg.sft.model.init_from == f"{root}/export/pretrain"
+    assert cfg.serve.serve.models[0].path == f"{root}/export/sft"
+    assert cfg.eval.eval.tasks and all(t.startswith(root) for t in cfg.eval.eval.tasks)
+    assert cfg.pretrain.train.storage_path == cfg.sft.train.storage_path == f"{root}/train"
