@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import ConfigError, RaylmConfig, load_config, write_resolved
@@ -16,7 +15,7 @@ from data_pipelines.errors import DataError
 
 __all__ = ["main", "build_parser"]
 
-PLANNED = {
+HELP = {
     "train": "pretraining and fine-tuning with Ray Train + DeepSpeed",
     "serve": "the OpenAI-compatible Ray Serve endpoint",
 }
@@ -212,14 +211,6 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.workdir, overrides=args.overrides, docs=args.docs)
 
 
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"raylm {name}: not built yet ({PLANNED[name]}).", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raylm",
@@ -253,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(d)
     d.set_defaults(func=_cmd_data_prepare)
 
-    p = sub.add_parser("train", help=PLANNED["train"] + "; resumes a run of the same name")
+    p = sub.add_parser("train", help=HELP["train"] + "; resumes a run of the same name")
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
@@ -264,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="print two eval.json files (or dirs holding one) side by side; runs no model")  # fmt: skip
     p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("serve", help=PLANNED["serve"] + "; blocks and prints the URL")
+    p = sub.add_parser("serve", help=HELP["serve"] + "; blocks and prints the URL")
     _add_config_args(p)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl")
