@@ -42,6 +42,7 @@ from data_pipelines.pack import ConversationPacker, DocumentPacker
 from data_pipelines.readers import STRICT_REASONS, InputFiles, expand_inputs, parse_file
 from data_pipelines.tokenize import (
     TokenizeBatch,
+    add_default_chat_template,
     check_tokenizer,
     load_tokenizer,
     tokenizer_fingerprint,
@@ -60,6 +61,8 @@ __all__ = [
 
 log = logging.getLogger("raylm.data")
 SAMPLES_PER_REASON = 3
+# sft with a tokenizer that has no chat template: the copy with raylm's default template, in OUTPUT.
+AUGMENTED_TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -361,7 +364,32 @@ def plan_prepare(cfg: DataConfig, tokenizer_path: str) -> Plan:
     cfg_hash = data_config_hash(cfg)
     fingerprint = combined_fingerprint(input_hashes, tok_fp, cfg_hash)
     existing = existing_complete_manifest(Path(cfg.output), fingerprint)
+    if existing is not None and not _augmented_tokenizer_intact(Path(cfg.output), existing):
+        existing = None
     return Plan(files, tok_fp, input_hashes, cfg_hash, fingerprint, existing)
+
+
+def _augmented_tokenizer_intact(output: Path, manifest: dict) -> bool:
+    """A finished output that ships its own (augmented) tokenizer is complete only with it intact."""
+    info = manifest.get("tokenizer", {})
+    if "augmented_from" not in info:
+        return True
+    tok_dir = output / AUGMENTED_TOKENIZER_DIR
+    return tok_dir.is_dir() and tokenizer_fingerprint(tok_dir) == info.get("fingerprint")
+
+
+def _save_augmented_tokenizer(tok, source: str, output: Path) -> Path:
+    """Write ``tok`` (source plus the default chat template) to OUTPUT/tokenizer, atomically."""
+    dst = output / AUGMENTED_TOKENIZER_DIR
+    if dst.resolve() == Path(source).resolve():
+        raise DataError(f"data.tokenizer: {source} is where data prepare writes its augmented "
+                        "tokenizer; point data.tokenizer or data.output elsewhere")  # fmt: skip
+    tmp = output / f".{AUGMENTED_TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
 
 
 def prepare(
@@ -377,9 +405,19 @@ def prepare(
             output, plan.existing, skipped=True, seconds=time.perf_counter() - start
         )
     tok = load_tokenizer(tokenizer_path)
+    source, added = None, []
+    if cfg.mode == "sft" and not tok.chat_template:
+        # Any HF tokenizer can do SFT: it gets raylm's template (and the tokens it needs);
+        # training, export and eval then use this copy, named in the manifest.
+        source, added = tokenizer_path, add_default_chat_template(tok)
     check_tokenizer(tok, cfg.mode, tokenizer_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _clear_outputs(output)
+    if source is not None:
+        tokenizer_path = str(_save_augmented_tokenizer(tok, source, output))
+        log.warning("data prepare: tokenizer %s has no chat template; using raylm's default "
+                    "template, added tokens %s (new vocabulary size %d); saved to %s",
+                    source, added, len(tok), tokenizer_path)  # fmt: skip
     with _scoped_data_context(cfg):
         ds = _build_dataset(cfg, plan.files, tokenizer_path, tok.eos_token_id)
         try:
@@ -391,6 +429,13 @@ def prepare(
             raise DataError(str(err)) from None
     _report_rejections(tally)
     manifest = _manifest(cfg, plan, tally, writers, tok, pad_id, tokenizer_path)
+    if source is not None:
+        manifest["tokenizer"] = {
+            "path": str(Path(tokenizer_path).resolve()),
+            "fingerprint": tokenizer_fingerprint(tokenizer_path),
+            "augmented_from": manifest["tokenizer"] | {"path": str(Path(source).resolve())},
+            "added_tokens": added,
+        }
     write_manifest(output, manifest)
     return PrepareResult(output, manifest, seconds=time.perf_counter() - start)
 
@@ -456,6 +501,10 @@ def summarize(result: PrepareResult) -> str:
         lines.append(f"  truncated conversations: {m['truncated']}")
     for kind, count in m.get("pii_redacted", {}).items():
         lines.append(f"  redacted {kind}: {count}")
+    tok = m.get("tokenizer", {})
+    if "augmented_from" in tok:
+        lines.append(f"  tokenizer: {tok['augmented_from']['path']} had no chat template; wrote "
+                     f"{tok['path']} with raylm's default (added {tok['added_tokens']})")  # fmt: skip
     lines.append(f"  tokens kept: {m['tokens']} (seq_len {m['seq_len']}, padding excluded)")
     for split, info in m["splits"].items():
         lines.append(

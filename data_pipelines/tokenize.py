@@ -18,9 +18,11 @@ import numpy as np
 
 from data_pipelines.errors import DataError
 from data_pipelines.pack import IGNORE_INDEX
+from data_pipelines.tokenizer_train import CHAT_TEMPLATE, END_OF_TURN, ROLE_TOKENS
 
 __all__ = [
     "TokenizeBatch",
+    "add_default_chat_template",
     "check_tokenizer",
     "encode_conversation",
     "load_tokenizer",
@@ -53,6 +55,25 @@ def check_tokenizer(tok, mode: str, path: str | Path) -> None:
         raise DataError(f"tokenizer {path}: no eos_token; packing needs one")
     if mode == "sft" and not tok.chat_template:
         raise DataError(f"tokenizer {path}: no chat_template; sft mode needs one")
+
+
+def add_default_chat_template(tok) -> list[str]:
+    """Give a tokenizer without a chat template raylm's default one (``CHAT_TEMPLATE``), in place.
+
+    The role markers and the end-of-turn token the template writes become special tokens, so each
+    is one id that BPE never splits and generation can stop on; eos/bos/pad stay as they were.
+    Returns the tokens that were not in the vocabulary: they get new ids at its end, so a model
+    trained with this tokenizer needs a larger embedding (``raylm train`` resizes it).
+    """
+    wanted = [END_OF_TURN, *ROLE_TOKENS]
+    missing = [t for t in wanted if t not in tok.get_vocab()]
+    unmarked = [t for t in wanted if t not in tok.all_special_tokens]
+    if unmarked:
+        tok.add_special_tokens(
+            {"extra_special_tokens": unmarked}, replace_extra_special_tokens=False
+        )
+    tok.chat_template = CHAT_TEMPLATE
+    return missing
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:

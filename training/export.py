@@ -165,13 +165,22 @@ def _prepare_out(out: Path) -> Path:
 
 def _lora_model(ckpt: Path, state: TrainState, conf: Any, sd: dict[str, torch.Tensor]) -> Any:
     """The run's frozen base (``model.init_from``, safetensors) with the trained adapter on it."""
-    from transformers import LlamaForCausalLM
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = str(state.resume_keys.get("model.init_from") or "")
     if not base or not Path(base).is_dir():
         raise CheckpointError(f"{ckpt}: LoRA checkpoint, but its base model dir {base!r} is gone")
-    model = LlamaForCausalLM.from_pretrained(base, config=conf, dtype=torch.float32,
+    # The base's own vocabulary: training may have grown the embeddings (conf.vocab_size) to a
+    # tokenizer with added tokens; the base is grown the same way before the adapter goes on (its
+    # modules_to_save tensors already have the new rows).
+    base_conf = copy.deepcopy(conf)
+    base_conf.vocab_size = LlamaConfig.from_pretrained(base).vocab_size
+    model = LlamaForCausalLM.from_pretrained(base, config=base_conf, dtype=torch.float32,
                                              use_safetensors=True, local_files_only=True)  # fmt: skip
+    if conf.vocab_size > base_conf.vocab_size:
+        model.resize_token_embeddings(conf.vocab_size, mean_resizing=False)
     try:
         return load_adapter(model, ckpt, sd)
     except ValueError as exc:

@@ -49,7 +49,13 @@ def run_dir(cfg: RaylmConfig) -> Path:
 
 
 def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int]:
-    """Model vocabulary size and pad id; the tokenizer must fit the model's embedding."""
+    """Model vocabulary size and pad id; the tokenizer must fit the model's embedding.
+
+    A base model (``model.init_from``) whose vocabulary is smaller than the tokenizer (e.g. SFT
+    data prepared with raylm's default chat template, which adds role and end-of-turn tokens)
+    gets its embeddings resized to the tokenizer length in the workers; the vocab returned (and
+    recorded in the resume keys) is then the tokenizer length.
+    """
     from transformers import AutoTokenizer
 
     tok_path = infos[0].tokenizer_path
@@ -60,12 +66,16 @@ def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int
     tok = AutoTokenizer.from_pretrained(tok_path)
     n_tok = len(tok)
     if cfg.model.init_from:
-        vocab, key = hf_config(cfg.model, n_tok).vocab_size, "model.init_from"
+        base = hf_config(cfg.model, n_tok).vocab_size
+        vocab = max(base, n_tok)
+        if vocab > base:
+            log.warning("model.init_from: vocabulary %d < tokenizer %d (%s); the embeddings are "
+                        "resized to %d", base, n_tok, tok_path, vocab)  # fmt: skip
     else:
-        vocab, key = cfg.model.vocab_size or n_tok, "model.vocab_size"
+        vocab = cfg.model.vocab_size or n_tok
     if n_tok > vocab:
         raise TrainConfigError(
-            f"{key}: model vocabulary {vocab} is smaller than the tokenizer's {n_tok}"
+            f"model.vocab_size: model vocabulary {vocab} is smaller than the tokenizer's {n_tok}"
         )
     pad = infos[0].pad_token_id
     if pad is None:
@@ -117,7 +127,20 @@ def _check_lora(cfg: RaylmConfig, vocab: int) -> None:
         raise TrainConfigError(
             "train.lora.enabled: LoRA trains adapters on a frozen base; set model.init_from"
         )
-    check_lora_targets(hf_config(cfg.model, vocab), cfg.train.lora)
+    base = hf_config(cfg.model, vocab)
+    check_lora_targets(base, cfg.train.lora)
+    if vocab > base.vocab_size:
+        # The resized rows (new tokens) must train and be saved with the adapter, or the export
+        # carries untrained embeddings for the chat template's tokens.
+        saved = cfg.train.lora.modules_to_save
+        need = ["embed_tokens"] + ([] if base.tie_word_embeddings else ["lm_head"])
+        missing = [m for m in need if not any(s.split(".")[-1] == m for s in saved)]
+        if missing:
+            raise TrainConfigError(
+                f"train.lora.modules_to_save: the tokenizer ({vocab}) outgrows the base "
+                f"vocabulary ({base.vocab_size}), so the resized embeddings must train: add "
+                f"{missing} (now {list(saved)})"
+            )
 
 
 def plan_job(cfg: RaylmConfig) -> WorkerJob:

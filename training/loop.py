@@ -172,6 +172,15 @@ def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
         _zero3_init_weights(model, job.seed, job.model.init_std)
     else:
         model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=job.seed)
+    if job.model.init_from and job.vocab_size > model.config.vocab_size:
+        # The dataset tokenizer outgrew the base (e.g. the default chat template's tokens): grow
+        # embed_tokens and an untied lm_head; the config's vocab_size follows, so checkpoints and
+        # exports get the new shapes. New rows are drawn around the old rows' mean (mean_resizing),
+        # from one seed so every rank adds the same rows. Under ZeRO-3 (hf_ds alive) transformers
+        # gathers the partitioned weights; deepspeed.initialize partitions the new ones.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.seed)
+            model.resize_token_embeddings(job.vocab_size, mean_resizing=True)
     if job.train.lora.enabled:
         model = apply_lora(model, job.train.lora, ckpt)
     # Right after construction: what this rank holds (ZeRO-3: about total / world).

@@ -293,12 +293,7 @@ def test_any_local_hf_tokenizer_dir_works(ray_local, synth_corpus, tmp_path):
     result = prepare_data(foreign, inputs=[str(shard)], output=str(tmp_path / "o"), seq_len=64)
     m = result.manifest
     assert m["pad_token_id"] == m["eos_token_id"] == 1
-    assert m["tokenizer"]["path"] == str(foreign.resolve())
+    assert m["tokenizer"]["path"] == str(foreign.resolve())  # pretrain: used as it is
+    assert "augmented_from" not in m["tokenizer"] and not (tmp_path / "o" / "tokenizer").exists()
     assert m["splits"]["train"]["rows"] > 0
-    with pytest.raises(DataError, match="no chat_template; sft mode needs one"):
-        prepare_data(
-            foreign,
-            inputs=[str(synth_corpus / "sft" / "train")],
-            output=str(tmp_path / "s"),
-            mode="sft",
-        )
+    # sft mode gives it the default chat template: tests/integration/test_foreign_tokenizer.py
