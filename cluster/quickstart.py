@@ -283,6 +283,26 @@ def _eval(cfg: Configs, out: Outcome) -> str:
     return f"{len(b)} metrics"
 
 
+def _check_port(host: str, port: int) -> None:
+    """A busy local port fails Serve's proxy with an opaque actor error; say which key to change."""
+    import socket
+
+    import ray
+
+    from cluster.config import ConfigError
+
+    if host not in ("127.0.0.1", "localhost") or ray.get_runtime_context().gcs_address is None:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"serve.port: {host}:{port} is in use ({exc.strerror}); choose another, e.g. "
+                f"raylm quickstart --set serve.port={port + 1}"
+            ) from None
+
+
 def _chat(url: str, model: str, prompt: str) -> dict[str, Any]:
     import urllib.request
 
@@ -302,11 +322,14 @@ def _serve(cfg: RaylmConfig, out: Outcome) -> str:
 
     corpus = out.workdir / "corpus" / "sft" / "heldout" / "sentiment.jsonl"
     question = json.loads(corpus.read_text().splitlines()[0])
-    url = start(cfg.serve)
+    _check_port(cfg.serve.host, cfg.serve.port)
     try:
+        url = start(cfg.serve)
         reply = _chat(url, cfg.serve.models[0].name, question["messages"][0]["content"])
     finally:
-        serve.delete(cfg.serve.app_name)
+        # Also after a failed start: a Serve left behind keeps its proxy's port for later apps.
+        with contextlib.suppress(Exception):
+            serve.delete(cfg.serve.app_name)
         if not serve.status().applications:  # on a shared cluster, other apps keep Serve up
             serve.shutdown()
     choice = reply["choices"][0]

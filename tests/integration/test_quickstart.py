@@ -21,9 +21,16 @@ STEPS = 150  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yam
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: the serve stage binds it minutes after this
+    choice, and Ray's many processes take ephemeral ports meanwhile (seen: the proxy failed to bind)."""
+    for port in range(23000, 32000, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 23000-32000")
 
 
 def _overrides() -> list[str]:
