@@ -43,13 +43,14 @@ def test_second_run_with_the_same_name_fails_before_any_worker(tmp_path) -> None
                              f"train.global_batch_tokens={SEQ * 8}", "train.max_steps=2"])  # fmt: skip
     rd = run_dir(cfg)
     holder = _hold_lock(rd)
+    ray_before = ray.is_initialized()  # the suite's shared instance may already run
     try:
         with pytest.raises(RunLockedError) as err:
             train(cfg)
         msg = str(err.value)
         assert str(rd) in msg and f"pid {holder.pid} on host" in msg, msg
         # Nothing of a run was started or written besides the lock file.
-        assert not ray.is_initialized()
+        assert ray.is_initialized() == ray_before  # the refused run started no Ray
         assert sorted(p.name for p in rd.iterdir()) == [LOCK_NAME]
     finally:
         holder.kill()  # SIGKILL: the kernel drops a dead holder's lock
