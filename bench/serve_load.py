@@ -8,10 +8,15 @@ token and end-to-end latency (p50/p99) for:
 - ``engine`` : ``Engine.submit`` in this process (no HTTP, no Ray): Serve's added cost is the gap;
 - ``hf-seq`` : ``model.generate`` one request after another (batching gain is engine or serve / this).
 
-Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``) with greedy decoding.
+Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``) with greedy decoding. TTFT is
+the first token with text on both sides (the HTTP layer sends no frame for a token whose text is still
+pending, e.g. half a UTF-8 character). Each level runs ``--repeats`` rounds, and each round runs the
+engine and the endpoint back to back, so the load of other processes on a shared machine hits both
+alike; tables show medians over rounds, and Serve's added latency at concurrency 1 is the median of
+the per-round differences.
 
     python bench/serve_load.py                           # small random Llama built on the fly
-    python bench/serve_load.py --model runs/quickstart/export --levels 1,16
+    python bench/serve_load.py --model runs/quickstart/export/sft --levels 1,16
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ def engine_caller(
         t0 = time.perf_counter()
         first, n = None, 0
         async for ev in engine.submit(ids[i % len(ids)], params):
-            first = first or time.perf_counter()
+            if ev.text or ev.finish_reason:  # what the HTTP layer turns into a frame
+                first = first or time.perf_counter()
             n += len(ev.token_ids)
         return Sample(first - t0, time.perf_counter() - t0, n)
 
@@ -213,60 +219,80 @@ def hf_sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> dict[
     return summarize(samples, time.perf_counter() - t_all)
 
 
-async def engine_levels(model_dir, prompts, args) -> dict[int, dict[str, float]]:
-    from serving.config import EngineConfig
-    from serving.engine import Engine
-
-    cfg = EngineConfig(max_num_seqs=max(args.levels), torch_threads=args.threads)
-    engine = await asyncio.to_thread(Engine, model_dir, cfg)
-    try:
-        one = engine_caller(engine, prompts, args.max_tokens)
-        await run_level(one, 2, 1)  # warm-up
-        return {c: await run_level(one, max(args.requests, 2 * c), c) for c in args.levels}
-    finally:
-        engine.shutdown()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-async def _http_levels(url: str, prompts, args) -> dict[int, dict[str, float]]:
+Runs = dict[str, dict[int, list[dict[str, float]]]]  # mode -> level -> one summary per round
+
+
+async def run_levels(callers: dict[str, Callable[[int], Awaitable[Sample]]], args) -> Runs:
+    """Every level ``--repeats`` times; within a round the modes run back to back (interleaved).
+
+    ``serve-js`` (non-streaming) runs at concurrency 1 only.
+    """
+    for one in callers.values():
+        await run_level(one, 2, 1)  # warm-up (connection pool, proxy routes, kernels)
+    runs: Runs = {name: {} for name in callers}
+    for c in args.levels:
+        for _ in range(args.repeats):
+            for name, one in callers.items():
+                if name != "serve-js" or c == 1:
+                    n = max(args.requests, 2 * c)
+                    runs[name].setdefault(c, []).append(await run_level(one, n, c))
+    return runs
+
+
+async def _engine_and_http(engine, url: str | None, prompts, args) -> Runs:
     import httpx
 
+    callers = {"engine": engine_caller(engine, prompts, args.max_tokens)}
     limits = httpx.Limits(max_connections=max(args.levels) + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        one = http_caller(client, url, "bench", prompts, args.max_tokens)
-        await run_level(one, 2, 1)  # warm-up (connection pool, proxy routes)
-        out = {c: await run_level(one, max(args.requests, 2 * c), c) for c in args.levels}
-        plain = json_caller(client, url, "bench", prompts, args.max_tokens)
-        out[0] = await run_level(plain, args.requests, 1)  # key 0: non-streaming at c=1
-        return out
+        if url is not None:
+            callers["serve"] = http_caller(client, url, "bench", prompts, args.max_tokens)
+            callers["serve-js"] = json_caller(client, url, "bench", prompts, args.max_tokens)
+        return await run_levels(callers, args)
 
 
-def serve_levels(model_dir, prompts, args) -> dict[int, dict[str, float]]:
+def measure(model_dir, prompts, args) -> Runs:
+    """The engine in this process and (unless --skip-serve) the Serve endpoint, both alive."""
     import ray
     from ray import serve
 
-    from serving.config import ServeConfig
+    from serving.config import EngineConfig, ServeConfig
     from serving.deployment import start
+    from serving.engine import Engine
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    engine_cfg = {"torch_threads": args.threads, "max_num_seqs": max(args.levels)}
+    engine = Engine(model_dir, EngineConfig(**engine_cfg))
+    url = None
     try:
-        cfg = ServeConfig(
-            models=[{"name": "bench", "path": str(model_dir)}],
-            port=free_port(),
-            num_cpus=args.threads,
-            engine={"torch_threads": args.threads, "max_num_seqs": max(args.levels)},
-            autoscaling={"min_replicas": 1, "max_replicas": 1},
-        )
-        url = start(cfg)
-        return asyncio.run(_http_levels(url, prompts, args))
+        if not args.skip_serve:
+            # Ray starts workers (Serve's proxy and replica) at nice 15, the engine here runs at 0:
+            # on a busy machine that alone would bill the scheduler's preference to Serve.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            cfg = ServeConfig(
+                models=[{"name": "bench", "path": str(model_dir)}],
+                port=free_port(),
+                num_cpus=args.threads,
+                engine=engine_cfg,
+                autoscaling={"min_replicas": 1, "max_replicas": 1},
+            )
+            url = start(cfg)
+        return asyncio.run(_engine_and_http(engine, url, prompts, args))
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        engine.shutdown()
+        if url is not None:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
 def print_table(rows: list[tuple[str, int, dict[str, float]]]) -> None:
@@ -279,21 +305,24 @@ def print_table(rows: list[tuple[str, int, dict[str, float]]]) -> None:
         )
 
 
-def print_ratios(hf: dict, eng: dict, srv: dict, levels: list[int]) -> None:
+def _paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> str:
+    """b - a per round: median (min..max) in ms."""
+    d = [y[key] - x[key] for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(d):+.1f} ms ({min(d):+.1f}..{max(d):+.1f})"
+
+
+def print_ratios(hf: dict, runs: Runs, levels: list[int]) -> None:
+    eng, srv = runs["engine"], runs.get("serve", {})
     if 1 in levels and srv:
-        print(
-            f"serve added latency at c=1 (streamed): e2e p50 "
-            f"{srv[1]['e2e_p50'] - eng[1]['e2e_p50']:+.1f} ms, TTFT p50 "
-            f"{srv[1]['ttft_p50'] - eng[1]['ttft_p50']:+.1f} ms (aim <= 5)"
-        )
-        print(
-            f"serve added latency at c=1 (non-streamed): e2e p50 "
-            f"{srv[0]['e2e_p50'] - eng[1]['e2e_p50']:+.1f} ms (aim <= 3)"
-        )
+        e, s, js = eng[1], srv[1], runs["serve-js"][1]
+        print(f"serve added latency at c=1, median over {len(e)} interleaved rounds (min..max):")
+        print(f"  streamed TTFT p50 {_paired(e, s, 'ttft_p50')} (aim <= 5)")
+        print(f"  streamed e2e p50 {_paired(e, s, 'e2e_p50')}")
+        print(f"  non-streamed e2e p50 {_paired(e, js, 'e2e_p50')} (aim <= 3)")
     for c in levels:
-        line = f"batching gain at c={c}: engine {eng[c]['tok_s'] / hf['tok_s']:.1f}x"
+        line = f"batching gain at c={c}: engine {medians(eng[c])['tok_s'] / hf['tok_s']:.1f}x"
         if srv:
-            line += f", serve {srv[c]['tok_s'] / hf['tok_s']:.1f}x"
+            line += f", serve {medians(srv[c])['tok_s'] / hf['tok_s']:.1f}x"
         print(
             line + " output tokens/s over sequential generate" + (" (aim >= 6x)" if c == 16 else "")
         )
@@ -306,6 +335,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="layers of the built model")
     ap.add_argument("--levels", default="1,8,16,32", help="concurrency levels")
     ap.add_argument("--requests", type=int, default=16, help="requests per level (>= 2 x level)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds per level")
     ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     # More torch threads than free cores is catastrophic next to Ray's own processes (OpenMP
     # barriers spin while a thread is descheduled): on a 2-core box keep 1.
@@ -321,17 +351,21 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else make_model(args.hidden, args.layers)
     prompts = make_prompts(64)
     hf = hf_sequential(model_dir, prompts[: args.hf_requests], args.max_tokens)
-    eng = asyncio.run(engine_levels(model_dir, prompts, args))
-    srv = {} if args.skip_serve else serve_levels(model_dir, prompts, args)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")
-    print(f"model: {model_dir}, {args.max_tokens} output tokens per request, greedy")
+    load0 = os.getloadavg()[0]
+    runs = measure(model_dir, prompts, args)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, "
+        f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
+    print(
+        f"model: {model_dir}, {args.max_tokens} output tokens per request, greedy, "
+        f"medians of {args.repeats} rounds"
+    )
     rows = [("hf-seq", 1, hf)]
-    rows += [("engine", c, eng[c]) for c in args.levels]
-    rows += [("serve", c, srv[c]) for c in args.levels if c in srv]
-    if 0 in srv:
-        rows.append(("serve-js", 1, srv[0]))
+    for mode, levels in runs.items():
+        rows += [(mode, c, medians(rounds)) for c, rounds in levels.items()]
     print_table(rows)
-    print_ratios(hf, eng, srv, args.levels)
+    print_ratios(hf, runs, args.levels)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """What the HTTP layer needs from an inference backend, so another engine (e.g. vLLM) can plug in.
 
-The built-in :class:`serving.engine.Engine` implements it on CPU or GPU with plain ``transformers``.
+The built-in :class:`serving.engine.Engine` implements it on CPU or GPU with plain ``transformers``;
+:class:`serving.vllm_backend.VllmBackend` wraps vLLM on CUDA GPUs. ``serve.engine.backend`` picks one
+(:func:`load_backend`); each is imported only when chosen.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from serving.sampling import SamplingParams, TokenLogprob
 
+if TYPE_CHECKING:
+    from serving.config import EngineConfig
+
 __all__ = [
     "Backend",
+    "BackendUnavailable",
     "EngineError",
     "EngineOverloaded",
     "EngineShutdown",
@@ -20,6 +27,7 @@ __all__ = [
     "RequestTimeout",
     "TokenEvent",
     "Usage",
+    "load_backend",
     "merge_events",
 ]
 
@@ -38,6 +46,10 @@ class RequestTimeout(EngineError):
 
 class EngineShutdown(EngineError):
     """The engine stopped before the request finished."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured backend cannot run here (e.g. vllm not installed)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +112,32 @@ class Backend(Protocol):
         """Queue a sequence; raises EngineOverloaded at once when the waiting queue is full."""
         ...
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown started (an evicted or stopping backend)."""
+        ...
+
     def is_ready(self) -> bool: ...
 
     def stats(self) -> dict[str, float]: ...
 
     def shutdown(self, timeout_s: float = 0.0) -> None: ...
+
+
+def load_backend(
+    model_dir: str | Path,
+    cfg: EngineConfig,
+    observer: Any = None,
+    adapter: str | Path | None = None,
+) -> Backend:
+    """The backend ``cfg.backend`` names, loaded and ready (blocks for seconds: call off the loop).
+
+    ``observer``: a :class:`serving.engine.EngineObserver` for request metrics.
+    """
+    if cfg.backend == "vllm":
+        from serving.vllm_backend import VllmBackend
+
+        return VllmBackend(model_dir, cfg, observer, adapter)
+    from serving.engine import Engine
+
+    return Engine(model_dir, cfg, observer, adapter)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,8 +14,13 @@ class _Section(BaseModel):
 
 
 class EngineConfig(_Section):
-    """Budgets of the built-in continuous-batching engine (one per replica)."""
+    """Budgets of the inference engine (one per replica and model)."""
 
+    backend: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="builtin: raylm's engine (CPU or GPU, plain transformers); vllm: vLLM's AsyncLLM "
+        "(CUDA GPUs; the vllm package must be installed on the serving nodes).",
+    )
     max_num_seqs: int = Field(
         16, ge=1, description="Most sequences decoding together in one batch (running slots)."
     )
@@ -44,6 +49,11 @@ class EngineConfig(_Section):
         None, ge=1, description="torch intra-op threads; unset: the replica's CPU count."
     )
     warmup: bool = Field(True, description="Run one short generation before reporting healthy.")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend vllm only: extra vllm.AsyncEngineArgs (e.g. gpu_memory_utilization, "
+        "tensor_parallel_size), over the ones raylm derives from this section.",
+    )
 
 
 class ModelEntry(_Section):

@@ -25,9 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from serving.backend import Backend
+from serving.backend import Backend, load_backend
 from serving.config import ServeConfig
-from serving.engine import Engine, RequestStats
+from serving.engine import RequestStats
 from serving.openai_api import ApiSettings, build_openai_app, load_api_keys
 
 __all__ = [
@@ -55,6 +55,7 @@ class _RayMetrics:
     def __init__(self, model: str) -> None:
         self._tags = {"model": model}
         self._last_gauge = 0.0
+        self._last_counts = (-1, -1)  # (running, waiting) last recorded
         self._m = self._metrics()
 
     @classmethod
@@ -102,9 +103,12 @@ class _RayMetrics:
 
     def step(self, running: int, waiting: int) -> None:
         now = time.monotonic()
-        if now - self._last_gauge < 0.5:  # a step can take ~1 ms: gauges at most twice a second
+        # A step can take ~1 ms: gauges at most twice a second, except the step that empties the
+        # engine (its thread then sleeps, and a throttled gauge would report load forever).
+        idle = running == 0 and waiting == 0
+        if now - self._last_gauge < 0.5 and not (idle and self._last_counts != (0, 0)):
             return
-        self._last_gauge = now
+        self._last_gauge, self._last_counts = now, (running, waiting)
         self._m["running"].set(running, tags=self._tags)
         self._m["waiting"].set(waiting, tags=self._tags)
 
@@ -112,7 +116,9 @@ class _RayMetrics:
 class _Loaded:
     """What the multiplexed LRU holds; eviction stops the engine off the event loop."""
 
-    def __init__(self, engine: Engine, grace_s: float, on_evict: Callable[[Engine], None]) -> None:
+    def __init__(
+        self, engine: Backend, grace_s: float, on_evict: Callable[[Backend], None]
+    ) -> None:
         self.engine, self._grace_s, self._on_evict = engine, grace_s, on_evict
 
     def __del__(self) -> None:
@@ -127,12 +133,12 @@ class _ReplicaModels:
     def __init__(self, names: list[str], load: Callable[[str], Awaitable[_Loaded]]) -> None:
         self._names, self._load = names, load
         self.ready = False
-        self.loaded: dict[str, Engine] = {}
+        self.loaded: dict[str, Backend] = {}
 
     def model_names(self) -> list[str]:
         return list(self._names)
 
-    def forget(self, engine: Engine) -> None:
+    def forget(self, engine: Backend) -> None:
         """Drop an evicted engine (only that object: the name may already be loaded again)."""
         for name, e in list(self.loaded.items()):
             if e is engine:
@@ -166,7 +172,7 @@ class OpenAIDeployment:
             # Loading blocks for seconds: keep the loop serving the other models' streams.
             m = self._entries[name]
             engine = await asyncio.to_thread(
-                Engine, m.path, self._engine_cfg, _RayMetrics(name), m.adapter
+                load_backend, m.path, self._engine_cfg, _RayMetrics(name), m.adapter
             )
             return _Loaded(engine, self.cfg.graceful_shutdown_timeout_s, self.models.forget)
 
@@ -179,6 +185,15 @@ class OpenAIDeployment:
         keys = load_api_keys(self.cfg.api_keys_env, self.cfg.api_keys_file)
         settings = ApiSettings(keys, self.cfg.max_body_bytes, self.cfg.retry_after_s)
         return build_openai_app(self.models, settings)
+
+    async def engine_stats(self) -> dict[str, dict[str, float]]:
+        """Per loaded model: running and waiting sequences and request/token counters.
+
+        For operators and tests through a handle:
+        ``serve.get_deployment_handle("OpenAIDeployment", app).engine_stats.remote().result()``
+        (one replica's view; the same numbers go to Ray's metrics).
+        """
+        return {name: e.stats() for name, e in self.models.loaded.items()}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died."""
@@ -287,10 +302,25 @@ def build_app(args: dict[str, Any]) -> Any:
     return build_application(cfg)
 
 
+def _deploy_failure(app_name: str) -> str:
+    """The last line of each failed deployment's status: the replica's exception (e.g. a missing
+    model dir or backend), which Serve's own deploy error leaves out."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the status is a courtesy: never hide the deploy error behind another
+        return ""
+    deployments = app.deployments.values() if app is not None else []
+    return "\n".join(d.message.strip().splitlines()[-1] for d in deployments if d.message.strip())
+
+
 def start(cfg: ServeConfig) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port, deploy, wait until healthy. Returns the base URL."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    try:
+        serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    except RuntimeError as exc:
+        detail = _deploy_failure(cfg.app_name)
+        raise RuntimeError(f"{exc}\n{detail}" if detail else str(exc)) from exc
     prefix = cfg.route_prefix.rstrip("/")
     return f"http://{cfg.host}:{cfg.port}{prefix}/v1"
 

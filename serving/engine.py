@@ -429,14 +429,21 @@ class Engine:
             if self._prefilling:
                 self._prefill(self._prefilling)
                 self._prefilling = []
+                # Newcomers' first tokens go out now, not after this step's decode: TTFT is one
+                # prefill, not prefill + a decode of the whole batch.
+                self._send_outbox()
             if self._batch is not None:
                 self._decode()
         finally:
-            outbox, self._outbox = self._outbox, []
-            for seq, item in outbox:
-                seq.send(item)
+            self._send_outbox()
             if self.observer is not None:
                 self._observe(self.observer.step, self._n_running, len(self._waiting))
+
+    def _send_outbox(self) -> None:
+        """Deliver queued events; called only once the batch state reflects them (slots freed)."""
+        outbox, self._outbox = self._outbox, []
+        for seq, item in outbox:
+            seq.send(item)
 
     def _reap(self) -> None:
         """Drop cancelled and timed-out rows from the running batch (frees their slots)."""

@@ -208,6 +208,31 @@ def test_cancellation_frees_the_slot(tiny_model_dir):
         eng.shutdown()
 
 
+def test_first_token_leaves_before_the_next_decode(tiny_model_dir):
+    """TTFT is one prefill: the first token is delivered before the step goes on to decode the batch
+    (which would add a whole decode step to every request's TTFT)."""
+    import queue
+
+    eng = Engine(tiny_model_dir, EngineConfig(warmup=False))
+    decodes, events = [0], queue.SimpleQueue()
+    decode = eng._decode
+
+    def counting_decode():
+        decodes[0] += 1
+        decode()
+
+    eng._decode = counting_decode  # the engine thread calls self._decode() on every step
+    try:
+        # emit runs on the engine thread: record how many decodes ran before each event left.
+        emit = lambda item: events.put((decodes[0], item))  # noqa: E731
+        eng._enqueue(_ids(eng, PROMPTS[2]), SamplingParams(max_tokens=3, **GREEDY), emit)
+        got = [events.get(timeout=30) for _ in range(3)]
+        assert [n for n, _ in got] == [0, 1, 2]
+        assert got[-1][1].finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
 def test_request_timeout_ends_the_request(tiny_model_dir):
     eng = Engine(tiny_model_dir, EngineConfig(request_timeout_s=0.05, warmup=False))
     try:
