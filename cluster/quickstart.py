@@ -248,8 +248,9 @@ def _export(cfg: RaylmConfig, dest: Path, out: Outcome, key: str) -> str:
     return f"{dest} (step {state.step})"
 
 
-def _eval_one(cfg: RaylmConfig, model: Path, output: Path) -> dict[str, Any]:
-    """eval.json for ``model``; reused when the model's provenance and the eval config match."""
+def _eval_one(cfg: RaylmConfig, model: Path, output: Path) -> tuple[dict[str, Any], bool]:
+    """(eval.json for ``model``, reused): reused when the model's provenance and the eval config
+    match the previous run's."""
     from cluster.evaluate import run_eval
     from training.evaluate import EVAL_NAME
 
@@ -260,10 +261,10 @@ def _eval_one(cfg: RaylmConfig, model: Path, output: Path) -> dict[str, Any]:
     ).hexdigest()  # fmt: skip
     marker = output / ".quickstart_key"
     if marker.is_file() and marker.read_text() == key and (output / EVAL_NAME).is_file():
-        return json.loads((output / EVAL_NAME).read_text())
+        return json.loads((output / EVAL_NAME).read_text()), True
     report = run_eval(ecfg, cfg.name)
     marker.write_text(key)
-    return report
+    return report, False
 
 
 def _eval(cfg: Configs, out: Outcome) -> str:
@@ -271,16 +272,19 @@ def _eval(cfg: Configs, out: Outcome) -> str:
     from training.evaluate import compare_table, flat_metrics
 
     root = out.workdir / "eval"
-    control = _eval_one(cfg.eval, Path(out.artifacts["pretrain export"]), root / "pretrain")
-    tuned = _eval_one(cfg.eval, Path(out.artifacts["sft export"]), root / "sft")
+    control, reused_a = _eval_one(
+        cfg.eval, Path(out.artifacts["pretrain export"]), root / "pretrain"
+    )
+    tuned, reused_b = _eval_one(cfg.eval, Path(out.artifacts["sft export"]), root / "sft")
+    reused = " (reused)" if reused_a and reused_b else ""
     out.compare = compare_table(control, tuned)
     out.artifacts["eval"] = f"{root}/{{pretrain,sft}}/eval.json"
     a, b = flat_metrics(control), flat_metrics(tuned)
     key = "sentiment accuracy"
     if key in a and key in b:
         out.numbers["sentiment"] = f"{b[key][0]:.1f}% (control {a[key][0]:.1f}%, n={b[key][1]})"
-        return f"sentiment accuracy {b[key][0]:.1f}% vs control {a[key][0]:.1f}%"
-    return f"{len(b)} metrics"
+        return f"sentiment accuracy {b[key][0]:.1f}% vs control {a[key][0]:.1f}%{reused}"
+    return f"{len(b)} metrics{reused}"
 
 
 def _check_port(host: str, port: int) -> None:
