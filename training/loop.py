@@ -295,26 +295,29 @@ def _targets(ctx: _Ctx, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss_targets(t["input_ids"], t["position_ids"], ctx.job.pad_id, labels)
 
 
-def _forward_loss(ctx: _Ctx, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, loss-token count) of one micro-batch; input_ids/position_ids (mb, seq)."""
+def _on_device(
+    ctx: _Ctx, batch: dict[str, np.ndarray]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The micro-batch's tensors on the engine's device and its (mb, seq-1) loss targets."""
     t = _to_device(batch, ctx.engine.device)
+    return t, _targets(ctx, t)
+
+
+def _forward_loss(
+    ctx: _Ctx, t: dict[str, torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, loss-token count) of one micro-batch; input_ids/position_ids (mb, seq)."""
     mask = document_causal_mask(t["position_ids"], ctx.dtype)
     out = ctx.engine(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
-    return token_loss(out.logits, _targets(ctx, t))
+    return token_loss(out.logits, targets)
 
 
-def _global_loss_tokens(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> torch.Tensor:
+def _global_loss_tokens(targets: list[torch.Tensor]) -> torch.Tensor:
     """Loss-bearing tokens of the whole optimizer step, over all ranks and micro-batches.
 
-    collective: one all_reduce per step. Known before any forward, from the batches alone.
+    collective: one all_reduce per step. Known before any forward, from the targets alone.
     """
-    count = torch.zeros((), dtype=torch.long)
-    for mb in micro_batches:
-        t = {k: torch.from_numpy(np.asarray(mb[k])).long() for k in ("input_ids", "position_ids")}
-        if ctx.job.train.task == "sft":
-            t["labels"] = torch.from_numpy(np.asarray(mb["labels"])).long()
-        count += (_targets(ctx, t) != IGNORE_INDEX).sum()
-    count = count.to(ctx.engine.device)
+    count = torch.stack([(t != IGNORE_INDEX).sum() for t in targets]).sum()
     dist.all_reduce(count)
     return count
 
@@ -332,11 +335,12 @@ def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
     engine = ctx.engine
     skipped_before = engine.skipped_steps
     ctx.step_lr = float(engine.get_lr()[0])
-    n_global = _global_loss_tokens(ctx, micro_batches)
+    prepared = [_on_device(ctx, mb) for mb in micro_batches]
+    n_global = _global_loss_tokens([targets for _, targets in prepared])
     scale = len(micro_batches) * ctx.io.world_size / n_global.clamp(min=1).double()
     step_loss = torch.zeros((), device=engine.device)  # this rank's share of the step's mean
-    for k, mb in enumerate(micro_batches):
-        total, _count = _forward_loss(ctx, mb)
+    for k, (t, targets) in enumerate(prepared):
+        total, _count = _forward_loss(ctx, t, targets)
         engine.backward(total * scale.to(total.dtype))  # collective at the boundary (reduce)
         last = k == len(micro_batches) - 1
         if last and ctx.io.before_update is not None:
@@ -430,7 +434,7 @@ def _evaluate(ctx: _Ctx) -> dict[str, float]:
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.engine.device)  # (loss sum, tokens)
     with torch.no_grad():
         for mb in ctx.eval_data:
-            total, count = _forward_loss(ctx, mb)
+            total, count = _forward_loss(ctx, *_on_device(ctx, mb))
             sums += torch.stack([total.double(), count.double()])
     ctx.engine.train()
     dist.all_reduce(sums)  # collective
