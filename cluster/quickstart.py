@@ -13,12 +13,13 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster.config import RaylmConfig, load_config, write_resolved
+from cluster.ray_env import ray_session
 
 __all__ = [
     "QUICKSTART_FILES",
@@ -135,26 +136,6 @@ def _quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def _ray(cfg: RaylmConfig) -> Iterator[None]:
-    """Join a cluster when one is configured; else a local instance that keeps worker logs in
-    their files (Ray Train's per-report lines would bury the stage lines)."""
-    import ray
-
-    from cluster.ray_env import WORKER_ENV, _cluster_address, local_num_cpus, ray_session
-
-    if ray.is_initialized() or _cluster_address(cfg.ray):
-        with ray_session(cfg.ray):
-            yield
-        return
-    ray.init(num_cpus=local_num_cpus(cfg.ray.num_cpus), include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})  # fmt: skip
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 # ---------------------------------------------------------------- stages
@@ -403,7 +384,7 @@ def run_quickstart(
     bar = _Progress(STAGES)
     try:
         bar.run("synth", lambda: _synth(corpus, docs, cfg.pretrain.seed))
-        with _ray(cfg.pretrain):
+        with ray_session(cfg.pretrain.ray, quiet_local=True):
             _quiet_ray_data()
             bar.run("tokenizer train", lambda: _tokenizer(cfg.pretrain))
             bar.run("data prepare", lambda: _prepare(cfg.pretrain))

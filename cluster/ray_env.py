@@ -65,9 +65,6 @@ def cluster_address(cfg: RayConfig) -> str | None:
     return "auto" if find_bootstrap_address(None) else None
 
 
-_cluster_address = cluster_address  # the name cluster/quickstart.py imports
-
-
 def _join_runtime_env() -> dict[str, Any] | None:
     """Worker env for a driver joining a cluster, minus keys the job's runtime env already sets.
 
@@ -81,10 +78,12 @@ def _join_runtime_env() -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
+def ray_session(cfg: RayConfig, quiet_local: bool = False) -> Iterator[None]:
     """Use the Ray instance already initialised in this process, else join or start one.
 
-    Only an instance this function started is shut down on exit.
+    Only an instance this function started is shut down on exit. ``quiet_local`` keeps a local
+    instance's worker output in its log files (the quickstart prints one line per stage; Ray
+    Train's per-report lines would bury them); a joined cluster always forwards it.
     """
     import ray
 
@@ -100,6 +99,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             num_cpus=local_num_cpus(cfg.num_cpus),
             runtime_env={"env_vars": dict(WORKER_ENV)},
             include_dashboard=False,
+            log_to_driver=not quiet_local,
         )
     try:
         yield
