@@ -159,7 +159,8 @@ class TrainConfig(_Section):
 
     task: Literal["pretrain", "sft"] = Field(
         "pretrain",
-        description="pretrain: loss on every next token; sft: only where labels != -100.",
+        description="pretrain: loss on every next token; sft: only where labels != -100 (rows "
+        "of a mixed-in pretraining dataset, which has no labels, carry loss on every token).",
     )
     datasets: list[TrainDataset] = Field(
         default_factory=list,

@@ -52,6 +52,7 @@ class DatasetInfo:
     rows: dict[str, int]  # split -> rows
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> absolute parquet paths
     has_labels: bool = False
+    tokenizer_fingerprint: str = ""
 
 
 def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
@@ -79,6 +80,7 @@ def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
         path=str(root),
         seq_len=int(manifest["seq_len"]),
         tokenizer_path=str(manifest.get("tokenizer", {}).get("path", "")),
+        tokenizer_fingerprint=str(manifest.get("tokenizer", {}).get("fingerprint", "")),
         pad_token_id=manifest.get("pad_token_id"),
         rows=rows,
         files=files,
@@ -155,11 +157,17 @@ def rank_row_order(
 
 
 class _SplitReader:
-    """Rows of one dataset split, addressed by position in ascending row_id order."""
+    """Rows of one dataset split, addressed by position in ascending row_id order.
+
+    ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
+    SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
+    still masks padding and document starts).
+    """
 
     def __init__(self, files: list[str], columns: list[str]):
         self.files = files
-        self.columns = columns
+        self.fill_labels = "labels" in columns and "labels" not in pq.read_schema(files[0]).names
+        self.columns = [c for c in columns if not (c == "labels" and self.fill_labels)]
         # (n,) int64 per file; only the row_id column is read up front (8 bytes per row).
         self._ids = [pq.read_table(f, columns=["row_id"])["row_id"].to_numpy() for f in files]
         all_ids = np.concatenate(self._ids)
@@ -195,7 +203,16 @@ class _SplitReader:
                     out[c] = np.zeros(shape, dtype=np.int64 if c == "row_id" else np.int32)
                 out[c][hit] = arr
             found |= hit
+        if self.fill_labels:
+            out["labels"] = out["input_ids"].copy()
         return out
+
+
+def _columns(infos: list[DatasetInfo]) -> list[str]:
+    """Columns every micro-batch carries: ``labels`` when any dataset has them (SFT, possibly with
+    pretraining datasets mixed in to keep the base model's language ability)."""
+    base = ["row_id", "input_ids", "position_ids"]
+    return base + ["labels"] if any(i.has_labels for i in infos) else base
 
 
 class MixedRows:
@@ -203,9 +220,7 @@ class MixedRows:
 
     def __init__(self, infos: list[DatasetInfo], weights: list[float], seed: int,
                  global_rows: int, micro_batch: int, world_size: int, rank: int):  # fmt: skip
-        self.columns = ["row_id", "input_ids", "position_ids"]
-        if all(i.has_labels for i in infos):
-            self.columns.append("labels")
+        self.columns = _columns(infos)
         self.readers = [_SplitReader(i.files["train"], self.columns) for i in infos]
         self.sizes = [len(r) for r in self.readers]
         self.weights, self.seed = list(weights), seed
@@ -259,10 +274,8 @@ def validation_batches(
 
     Validation rows of all datasets in row_id order; micro-batch k goes to rank k % world_size.
     """
-    columns = ["row_id", "input_ids", "position_ids"]
     # SFT: the held-out loss covers assistant tokens only, as in training.
-    if all(i.has_labels for i in infos):
-        columns.append("labels")
+    columns = _columns(infos)
     readers = [_SplitReader(i.files["validation"], columns)
                for i in infos if i.rows["validation"] > 0 and i.files["validation"]]  # fmt: skip
     total = sum(len(r) for r in readers)

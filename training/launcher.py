@@ -97,6 +97,14 @@ def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
         raise TrainConfigError(
             f"train.datasets: all datasets need one seq_len (got {sorted(seq_lens)})"
         )
+    first = infos[0].tokenizer_fingerprint
+    for i, info in enumerate(infos[1:], start=1):
+        if first and info.tokenizer_fingerprint and info.tokenizer_fingerprint != first:
+            raise TrainConfigError(
+                f"train.datasets[{i}].path: {info.path} was tokenized with another tokenizer "
+                f"({info.tokenizer_path}) than train.datasets[0] ({infos[0].tokenizer_path}); "
+                "prepare every mixed dataset with one tokenizer"
+            )
     return infos
 
 

@@ -70,3 +70,71 @@ def test_relative_dataset_paths_reach_workers_absolute(tmp_path, monkeypatch):
     info = dataset_info("rel/data")
     assert Path(info.path).is_absolute()
     assert all(Path(f).is_absolute() for split in info.files.values() for f in split)
+
+
+def _add_labels(root: Path) -> None:
+    """Turn a synthetic pretraining dataset into an SFT-style one: labels -100 on each row's
+    first half (the 'prompt'), input_ids elsewhere."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in sorted(root.glob("*/*.parquet")):
+        table = pq.read_table(f)
+        labels = []
+        for ids in table["input_ids"].to_pylist():
+            half = len(ids) // 2
+            labels.append([-100] * half + ids[half:])
+        pq.write_table(table.append_column("labels", pa.array(labels, pa.list_(pa.int32()))), f)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["mode"] = "sft"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_pretraining_rows_mixed_into_sft_carry_loss_on_every_token(tmp_path) -> None:
+    """SFT mixed with a pretraining dataset (to keep the base model's language ability): every
+    micro-batch carries labels; the SFT rows keep their -100 prompt labels, the pretraining rows'
+    labels are their input_ids; validation batches too."""
+    from training.data import MixedRows, dataset_info, validation_batches
+    from training.synthetic import write_synthetic_dataset
+
+    pre = write_synthetic_dataset(tmp_path / "pre", train_rows=32, seq_len=16, seed=1)
+    sft = write_synthetic_dataset(tmp_path / "sft", train_rows=32, seq_len=16, seed=2)
+    _add_labels(sft)
+    infos = [dataset_info(str(sft)), dataset_info(str(pre))]
+    assert [i.has_labels for i in infos] == [True, False]
+    kinds = Counter()
+    for mbs in MixedRows(infos, [1.0, 1.0], 0, 8, 4, 1, 0).iter_steps(0, 6):
+        for mb in mbs:
+            assert set(mb) == {"row_id", "input_ids", "position_ids", "labels"}
+            for ids, labels in zip(mb["input_ids"], mb["labels"], strict=True):
+                half = len(ids) // 2
+                if (labels[:half] == -100).all():
+                    kinds["sft"] += 1
+                    np.testing.assert_array_equal(labels[half:], ids[half:])
+                else:
+                    kinds["pretrain"] += 1
+                    np.testing.assert_array_equal(labels, ids)
+    assert kinds["sft"] > 0 and kinds["pretrain"] > 0, kinds
+    val = validation_batches(infos, 2, 1, 0, 8)
+    assert val and all("labels" in mb for mb in val)
+
+
+def test_datasets_from_different_tokenizers_are_refused(tmp_path) -> None:
+    import json
+
+    from cluster.config import load_config
+    from training.errors import TrainConfigError
+    from training.launcher import plan_job
+    from training.synthetic import write_synthetic_dataset
+
+    a = write_synthetic_dataset(tmp_path / "a", train_rows=16, seq_len=16)
+    b = write_synthetic_dataset(tmp_path / "b", train_rows=16, seq_len=16)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "another"
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, [f"train.datasets=[{a},{b}]", f"train.storage_path={tmp_path}",
+                             "train.global_batch_tokens=64", "model.preset=tiny"])  # fmt: skip
+    with pytest.raises(TrainConfigError, match=r"train\.datasets\[1\]\.path: .*another tokenizer"):
+        plan_job(cfg)
