@@ -98,6 +98,12 @@ class ServeConfig(_Section):
     route_prefix: str = Field("/", description="HTTP route prefix of the app.")
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to expose).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where Serve runs its HTTP proxy: EveryNode (each node holding a replica, "
+        "Ray's default), HeadOnly (one address on the head, which outlives any worker node), "
+        "Disabled (handles only). Cluster-wide: fixed by the first app that starts Serve.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
     max_ongoing_requests: int | None = Field(
@@ -114,6 +120,13 @@ class ServeConfig(_Section):
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=100,  # Serve's own ceiling (MAX_REPLICAS_PER_NODE_MAX_VALUE)
+        description="Most replicas on one node; 1 spreads them one per node, so losing a node "
+        "loses one replica and its replacement waits for a node with room. Unset: no limit.",
+    )
     api_keys_env: str | None = Field(
         None, description="Env var holding comma-separated API keys; unset/empty: no auth."
     )

@@ -235,6 +235,7 @@ def build_application(cfg: ServeConfig) -> Any:
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.resolved_max_ongoing(),
         max_queued_requests=cfg.max_queued_requests,
+        max_replicas_per_node=cfg.max_replicas_per_node,
         ray_actor_options={
             "num_cpus": cfg.num_cpus,
             "num_gpus": cfg.num_gpus,
@@ -315,7 +316,9 @@ def _deploy_failure(app_name: str) -> str:
 
 def start(cfg: ServeConfig) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port, deploy, wait until healthy. Returns the base URL."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(
+        proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port}
+    )
     try:
         serve.run(build_application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     except RuntimeError as exc:

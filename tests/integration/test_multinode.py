@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on loopback: jobs, `raylm doctor`, the storage probe, placement.
+"""A real two-node Ray cluster on loopback: jobs, `raylm doctor`, the storage probe, placement,
+and `raylm serve` with a replica on each node losing the worker node under load.
 
 One module-scoped cluster: a head (`node_head` resource) and a worker node (`node_worker`), each
 started with `ray start --block` in its own process group and temp dir, token authentication on
@@ -13,12 +14,14 @@ real cluster. Everything else on the machine is one filesystem, so the other sha
 shared in fact. The module is skipped where `unshare` is not allowed.
 
 The pytest process never calls `ray.init` for this cluster (it may hold the session's local Ray);
-jobs go through `JobSubmissionClient` (HTTP) and `ray job submit` / `raylm doctor` subprocesses.
+jobs go through `JobSubmissionClient` (HTTP) and `ray job submit` / `raylm doctor` subprocesses,
+and Serve is watched and shut down through its REST API on the dashboard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -27,11 +30,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -444,3 +449,226 @@ def test_prepare_and_train_jobs_spread_resume_and_refuse_local_storage(cluster, 
         assert cluster.token.encode() not in p.read_bytes(), p
     for text in (logs, first.stdout, again.stdout, out):
         assert cluster.token not in text
+
+
+# ---------------------------------------------------------------- serving across the nodes
+
+SERVE_APP = "mn-serve"
+
+
+@dataclasses.dataclass
+class _Request:
+    start: float  # time.monotonic() when the client sent it
+    end: float  # ... when the answer (or the error) came back
+    ok: bool
+    detail: str
+
+
+class _SteadyLoad:
+    """`threads` clients, each sending a short greedy completion as soon as its last one ended."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url = url
+        self.records: list[_Request] = []  # list.append is atomic: no lock
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                         for i in range(threads)]  # fmt: skip
+
+    def _client(self, i: int) -> None:
+        body = {"model": "tiny", "prompt": f"On day {i}", "max_tokens": 4, "temperature": 0}
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    r = client.post(self.url + "/completions", json=body)
+                    ok = r.status_code == 200 and bool(r.json()["choices"][0]["text"])
+                    detail = f"{r.status_code} {r.text[:300]}"
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    ok, detail = False, repr(exc)
+                self.records.append(_Request(start, time.monotonic(), ok, detail))
+
+    def __enter__(self) -> _SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+
+def _serve_replicas(c: LoopbackCluster) -> list[dict]:
+    """The app's replicas (state, node_id, ...) from Serve's REST API on the dashboard."""
+    app = (c.api("/api/serve/applications/").get("applications") or {}).get(SERVE_APP) or {}
+    return [r for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []]
+
+
+def _running_on(c: LoopbackCluster) -> list[str]:
+    return sorted(r["node_id"] for r in _serve_replicas(c) if r["state"] == "RUNNING")
+
+
+def _until(predicate, timeout_s: float, what: str, show=lambda: "") -> float:
+    """Poll until predicate() holds (a busy dashboard counts as not yet); seconds it took.
+    On timeout the error carries show(): the state the wait was looking at."""
+    start = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError):
+            if predicate():
+                return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what}: not within {timeout_s} s; now {show()}")
+        time.sleep(0.5)
+
+
+def _serve_state(c: LoopbackCluster) -> str:
+    try:
+        app = c.api("/api/serve/applications/")["applications"].get(SERVE_APP) or {}
+    except OSError as exc:
+        return repr(exc)
+    return json.dumps({name: {"status": d["status"], "message": d["message"][-800:],
+                              "replicas": [(r["state"], r.get("node_id")) for r in d["replicas"]]}
+                       for name, d in (app.get("deployments") or {}).items()})  # fmt: skip
+
+
+def _serve_config(c: LoopbackCluster, root: Path, model_dir: Path) -> tuple[Path, int]:
+    port = c._port()
+    serve = {
+        "models": [{"name": "tiny", "path": str(model_dir)}],
+        "app_name": SERVE_APP,
+        "port": port,
+        # One proxy, on the head: clients keep their address when a worker node goes (and two
+        # nodes on one machine could not both bind 127.0.0.1:port).
+        "proxy_location": "HeadOnly",
+        "max_replicas_per_node": 1,  # one replica per node, and no second one on the head
+        "num_cpus": 1,
+        "engine": {"torch_threads": 1, "max_num_seqs": 4},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+        "health_check_period_s": 1,
+        "health_check_timeout_s": 10,
+        "graceful_shutdown_timeout_s": 1,
+    }
+    return _write_config(root / "serve.yaml", {"name": "mn-serve", "serve": serve}), port
+
+
+def _deploy(c: LoopbackCluster, client, cfg: Path, url: str) -> str:
+    """`raylm serve` as a job (it blocks, as on a real cluster); returns the job id once both
+    replicas are RUNNING and the endpoint answers."""
+    from ray.job_submission import JobStatus
+
+    from cluster.runtime_env import build_runtime_env
+
+    job = client.submit_job(entrypoint=f"raylm serve {cfg}", runtime_env=build_runtime_env(REPO))
+
+    def ready() -> bool:
+        if client.get_job_status(job) not in (JobStatus.PENDING, JobStatus.RUNNING):
+            raise RuntimeError(f"raylm serve job ended:\n{client.get_job_logs(job)[-4000:]}")
+        if len(_running_on(c)) < 2:
+            return False
+        return httpx.get(url + "/models", timeout=10).status_code == 200
+
+    _until(ready, 400, "2 RUNNING replicas and /v1/models answering", lambda: _serve_state(c))
+    return job
+
+
+def _undeploy(c: LoopbackCluster, client, job: str | None) -> None:
+    """Stop the job, then Serve itself (a stopped job leaves Serve running, as documented)."""
+    if job is not None:
+        with contextlib.suppress(Exception):
+            client.stop_job(job)
+    req = urllib.request.Request(c.dashboard + "/api/serve/applications/", method="DELETE",
+                                 headers={"Authorization": f"Bearer {c.token}"})  # fmt: skip
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(req, timeout=120).close()
+    with contextlib.suppress(TimeoutError):
+        _until(lambda: not _serve_replicas(c), 120, "Serve shut down")
+
+
+def _outage(c: LoopbackCluster, url: str, head: str) -> tuple[list[_Request], float, float]:
+    """Steady load over both replicas, SIGKILL the worker node, load on until the head's replica
+    alone has answered 20 requests after Serve saw the loss. (records, kill time, seconds until
+    Serve's view lost the worker's replica)."""
+    with _SteadyLoad(url) as load:
+        _until(lambda: sum(r.ok for r in load.records) >= 20, 120, "20 requests before the kill")
+        kill_t = time.monotonic()
+        c.kill(next(n for n in c.procs if n.startswith("worker")))
+        noticed_s = _until(lambda: _running_on(c) == [head], 120, "the lost replica seen",
+                           lambda: _serve_state(c))  # fmt: skip
+        seen_t = time.monotonic()
+        _until(lambda: sum(r.start > seen_t for r in load.records) >= 20, 120,
+               "20 requests on the replica left")  # fmt: skip
+    return load.records, kill_t, noticed_s
+
+
+def _check_requests(records: list[_Request], kill_t: float) -> tuple[int, int]:
+    """Only requests in flight at the kill may fail; (in flight, failed)."""
+    before = [r for r in records if r.end < kill_t]
+    in_flight = [r for r in records if r.start < kill_t < r.end]
+    after = [r for r in records if r.start > kill_t]
+    failed = [r for r in records if not r.ok]
+    assert before and all(r.ok for r in before), [r.detail for r in before if not r.ok][:3]
+    # Those the lost replica was running may fail; none other.
+    assert all(r in in_flight for r in failed), [(r.start - kill_t, r.detail) for r in failed]
+    assert len(failed) <= len(in_flight)
+    # Every request sent after the kill succeeded: the proxy's router retries a request the dead
+    # replica never started, and routes around the replica once Serve has seen the loss.
+    assert after and all(r.ok for r in after), [r.detail for r in after if not r.ok][:3]
+    return len(in_flight), len(failed)
+
+
+def _restore(c: LoopbackCluster, head: str) -> tuple[float, float]:
+    """Re-add the worker node; (seconds until it joined, then until its replica was RUNNING)."""
+    # The GCS marks the node dead only after missed heartbeats, later than Serve's own health
+    # check saw the replica go; until then a count of 2 nodes includes the dead one.
+    c.wait_nodes(1)
+    start = time.monotonic()
+    c.add_worker()
+    joined_s = time.monotonic() - start
+    both = sorted([head, c.node_id("node_worker")])
+
+    def restored() -> bool:
+        running = _running_on(c)
+        assert len(set(running)) == len(running), f"2 replicas on one node: {running}"
+        return running == both
+
+    return joined_s, _until(restored, 300, "2 RUNNING replicas after the node returned",
+                            lambda: _serve_state(c))  # fmt: skip
+
+
+@pytest.mark.timeout(900)
+def test_serve_across_nodes_survives_losing_the_worker_node(cluster, workdir, tiny_model_dir):
+    cfg, port = _serve_config(cluster, workdir["root"], tiny_model_dir)
+    url = f"http://127.0.0.1:{port}/v1"
+    client, job, t0 = _jobs_client(cluster), None, time.monotonic()
+    try:
+        job = _deploy(cluster, client, cfg, url)
+        deployed_s = time.monotonic() - t0
+        head, worker_id = cluster.node_id("node_head"), cluster.node_id("node_worker")
+        assert _running_on(cluster) == sorted([head, worker_id])  # one replica on each node
+        details = cluster.api("/api/serve/applications/")
+        assert details["proxy_location"] == "HeadOnly" and set(details["proxies"]) == {head}
+
+        records, kill_t, noticed_s = _outage(cluster, url, head)
+        # One per node: the replacement waits for a node (none yet) instead of doubling up on the
+        # head, which keeps its one replica.
+        replicas = _serve_replicas(cluster)
+        assert _running_on(cluster) == [head], replicas
+        assert [r.get("node_id") for r in replicas].count(head) == 1, replicas
+        assert any(r["state"] == "STARTING" and not r.get("node_id") for r in replicas), replicas
+        in_flight, failed = _check_requests(records, kill_t)
+
+        joined_s, restored_s = _restore(cluster, head)
+        body = {"model": "tiny", "prompt": "Back again", "max_tokens": 4, "temperature": 0}
+        codes = [httpx.post(url + "/completions", json=body, timeout=60).status_code
+                 for _ in range(8)]  # fmt: skip
+        assert codes == [200] * 8
+        assert client.get_job_status(job) == "RUNNING"  # `raylm serve` on the head lived on
+        print(f"\nserve across nodes: deployed in {deployed_s:.0f} s; {len(records)} requests, "
+              f"{in_flight} in flight at the kill, {failed} failed; Serve saw the loss after "
+              f"{noticed_s:.1f} s; node back in {joined_s:.0f} s, its replica RUNNING "
+              f"{restored_s:.0f} s later")  # fmt: skip
+    finally:
+        _undeploy(cluster, client, job)
+        if not any(n.startswith("worker") for n in cluster.procs):
+            with contextlib.suppress(Exception):  # leave the module's cluster as it was found
+                cluster.add_worker()

@@ -28,6 +28,9 @@ def test_defaults_bind_locally_and_admit_in_the_app_before_serve_queues():
         ({"engine": {"max_num_seqs": 0}}, "max_num_seqs"),
         ({"engine": {"max_num_seq": 4}}, "max_num_seq"),
         ({"port": 70000}, "port"),
+        ({"max_replicas_per_node": 0}, "max_replicas_per_node"),
+        ({"max_replicas_per_node": 101}, "max_replicas_per_node"),
+        ({"proxy_location": "Everywhere"}, "proxy_location"),
     ],
 )
 def test_invalid_sections_are_rejected(bad, match):
@@ -67,6 +70,19 @@ def test_app_builder_returns_a_serve_application(tiny_model_dir):
 
     app = build_app({"serve": {"models": [{"name": "m", "path": str(tiny_model_dir)}]}})
     assert isinstance(app, Application)
+
+
+def test_replicas_per_node_reaches_the_serve_deployment(tiny_model_dir):
+    from serving.config import ServeConfig
+    from serving.deployment import build_application
+
+    models = [{"name": "m", "path": str(tiny_model_dir)}]
+    for limit in (None, 1, 3):
+        cfg = ServeConfig(models=models, max_replicas_per_node=limit, num_cpus=0.5)
+        # What Serve's controller schedules by (the multi-node test shows the effect).
+        replica = build_application(cfg)._bound_deployment._replica_config
+        assert replica.max_replicas_per_node == limit
+        assert replica.ray_actor_options["num_cpus"] == 0.5
 
 
 def test_raylm_serve_without_models_is_a_config_error(capsys):
