@@ -87,9 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cluster.config import write_resolved
     from cluster.ray_env import ray_session
     from training.errors import Preempted, RunLockedError, TrainConfigError
-    from training.launcher import plan_job, run_dir, train
+    from training.launcher import open_run, plan_job, train
     from training.preempt import EXIT_PREEMPTED
-    from training.runlock import run_lock
 
     try:
         job = plan_job(cfg)  # every config check runs here, before Ray starts any worker
@@ -97,10 +96,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     try:
         # Locked before the resolved config is written: a live run's copy is never replaced.
-        with run_lock(run_dir(cfg)):
-            write_resolved(cfg, run_dir(cfg))
+        # S3: the lock is a lease object and run.local a mirror uploaded as the run goes.
+        with open_run(cfg) as run:
+            write_resolved(cfg, run.local)
             with ray_session(cfg.ray):
-                _require_shared_storage(cfg)
+                _require_shared_storage(cfg, run.fs)
                 result = train(cfg, job)
     except RunLockedError as exc:
         print(f"raylm train: {exc}", file=sys.stderr)
@@ -108,18 +108,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Preempted as exc:
         print(f"raylm train: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
-    print(f"raylm train: run dir {run_dir(cfg)}; latest checkpoint {result.checkpoint}")
+    print(f"raylm train: run dir {run.uri}; latest checkpoint {result.checkpoint}")
     if cfg.train.export_dir:
         print(f"raylm train: exported to {Path(cfg.train.export_dir).resolve()}")
     return 0
 
 
-def _require_shared_storage(cfg: RaylmConfig) -> None:
-    """Multi-node only: a probe (a file written on each node, read on every other) decides."""
+def _require_shared_storage(cfg: RaylmConfig, filesystem: object = None) -> None:
+    """Multi-node only: a probe (a file written on each node, read on every other) decides;
+    ``filesystem``: the run's S3 filesystem (endpoint, credentials), probed as the run uses it."""
     from cluster.storage import StorageNotShared, require_shared_storage
 
     try:
-        require_shared_storage(cfg.train.storage_path)
+        require_shared_storage(cfg.train.storage_path, filesystem)
     except StorageNotShared as exc:
         raise ConfigError(str(exc)) from None
 
@@ -150,7 +151,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     try:
         result = report(args.run_dir)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: also S3 (endpoint, credentials)
         print(f"raylm report: {exc}", file=sys.stderr)
         return 1
     print(result.summary)
@@ -165,7 +166,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         out = export(args.run_or_checkpoint, args.out, dtype=args.dtype,
                      adapter_only=args.adapter_only)  # fmt: skip
-    except (CheckpointError, FileExistsError, ValueError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: also S3 access
         print(f"raylm export: {exc}", file=sys.stderr)
         return 1
     print(f"raylm export: wrote {out}")
@@ -259,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl")
-    p.add_argument("run_dir", help="a `raylm train` run dir (storage_path/name)")
+    p.add_argument("run_dir", help="a `raylm train` run dir (storage_path/name; s3:// too)")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("export", help="consolidated Hugging Face dir from a run or checkpoint")
-    p.add_argument("run_or_checkpoint", help="run dir (newest intact checkpoint) or checkpoint dir")
+    p.add_argument("run_or_checkpoint",
+                   help="run dir (newest intact checkpoint) or checkpoint dir; local or s3://")  # fmt: skip
     p.add_argument("--out", required=True, help="output dir (replaced if it is a raylm export)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype in model.safetensors (default fp32)")  # fmt: skip

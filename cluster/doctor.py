@@ -344,11 +344,11 @@ def gather_node_facts(timeout_s: float = 180.0) -> list[NodeFacts]:
     ]
 
 
-def check_storage(path: str) -> CheckResult:
+def check_storage(path: str, filesystem: Any = None) -> CheckResult:
     from cluster.storage import ADVICE, judge_probe, probe_storage
 
     try:
-        result = probe_storage(path)
+        result = probe_storage(path, filesystem=filesystem)
     except Exception as exc:  # a probe that cannot run is a failed check, with its reason
         return _fail("storage", f"probe of {path!r} could not run: {type(exc).__name__}: {exc}",
                      "check that every node is alive and can reach the path")  # fmt: skip
@@ -357,6 +357,19 @@ def check_storage(path: str) -> CheckResult:
         return _fail("storage", verdict, ADVICE)
     return _pass("storage", f"{result.path}: each of {len(result.nodes)} node(s) wrote a file "
                  "and read every node's file")  # fmt: skip
+
+
+def _storage_check(cfg: RaylmConfig) -> CheckResult:
+    """The probe; an s3:// path through the filesystem training builds (train.s3, env)."""
+    from training.storage import is_s3, parse_s3, s3_filesystem
+
+    path, s3, fs = cfg.train.storage_path, cfg.train.s3, None
+    if is_s3(path):
+        try:
+            fs = s3_filesystem(parse_s3(path, s3.endpoint_url, s3.region))
+        except ValueError as exc:  # TrainConfigError: an unknown URI option
+            return _fail("storage", str(exc), "fix train.storage_path")
+    return check_storage(path, fs)
 
 
 def _memory_check(cfg: RaylmConfig, facts: list[NodeFacts]) -> CheckResult:
@@ -394,7 +407,7 @@ def run_doctor(cfg: RaylmConfig, address: str | None, with_config: bool) -> list
             skip = "give a CONFIG (or --set) to check train.storage_path and the memory estimate"
             results += [CheckResult("storage", "SKIP", skip), CheckResult("memory", "SKIP", skip)]
         else:
-            results.append(check_storage(cfg.train.storage_path))
+            results.append(_storage_check(cfg))
             results.append(_memory_check(cfg, facts))
     finally:
         if started:

@@ -5,7 +5,8 @@ write checkpoint shards there and Ray merges them; a node-local path fails only 
 checkpoint (ray#37177), or silently leaves shards on one node. The probe runs two rounds of Ray tasks,
 each pinned to one alive node (``NodeAffinitySchedulingStrategy(soft=False)``): every node writes a
 file named after itself, then every node reads every file. Local paths and URIs (``s3://``) go
-through ``pyarrow.fs``, the same filesystem layer Ray Train uses for ``storage_path``.
+through ``pyarrow.fs``, the same filesystem layer Ray Train uses for ``storage_path``; an S3 run
+passes the filesystem object it trains with (endpoint, credentials), so that is what is probed.
 
 :func:`judge_probe` is the pure verdict on the probe's results (unit-tested);
 :func:`require_shared_storage` is what ``raylm train`` calls on a multi-node cluster.
@@ -97,11 +98,16 @@ def judge_probe(result: ProbeResult) -> str | None:
 # ---------------------------------------------------------------- Ray edge
 
 
-def _write(uri: str, name: str, payload: bytes) -> str | None:
+def _open(target: Any) -> tuple[Any, str]:
+    """(filesystem, base path) of a URI or local path, or a (filesystem, path) pair as given."""
     import pyarrow.fs as pafs
 
+    return pafs.FileSystem.from_uri(target) if isinstance(target, str) else target
+
+
+def _write(uri: Any, name: str, payload: bytes) -> str | None:
     try:
-        fs, base = pafs.FileSystem.from_uri(uri)
+        fs, base = _open(uri)
         fs.create_dir(f"{base}/{PROBE_DIR}", recursive=True)
         with fs.open_output_stream(f"{base}/{PROBE_DIR}/{name}") as f:
             f.write(payload)
@@ -110,13 +116,11 @@ def _write(uri: str, name: str, payload: bytes) -> str | None:
     return None
 
 
-def _read(uri: str, expected: dict[str, bytes]) -> dict[str, str]:
+def _read(uri: Any, expected: dict[str, bytes]) -> dict[str, str]:
     """name -> error for every expected file not readable with the expected bytes."""
-    import pyarrow.fs as pafs
-
     errors = {}
     try:
-        fs, base = pafs.FileSystem.from_uri(uri)
+        fs, base = _open(uri)
     except Exception as exc:
         return {name: f"{type(exc).__name__}: {exc}" for name in expected}
     for name, payload in expected.items():
@@ -130,10 +134,8 @@ def _read(uri: str, expected: dict[str, bytes]) -> dict[str, str]:
     return errors
 
 
-def _cleanup(uri: str, names: list[str]) -> None:
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(uri)
+def _cleanup(uri: Any, names: list[str]) -> None:
+    fs, base = _open(uri)
     for name in names:
         # Already gone when another node deleted the shared copy.
         with contextlib.suppress(Exception):
@@ -171,11 +173,17 @@ def _remote(fn: Any) -> Any:
     return ray.remote(fn)
 
 
-def probe_storage(path: str, timeout_s: float = 120.0) -> ProbeResult:
-    """Write one file per node, then read all files from every node (2 x nodes Ray tasks)."""
+def probe_storage(path: str, timeout_s: float = 120.0, filesystem: Any = None) -> ProbeResult:
+    """Write one file per node, then read all files from every node (2 x nodes Ray tasks).
+
+    ``filesystem``: probe ``path`` (an ``s3://`` URI) through this filesystem object instead of
+    the one its URI resolves to on each node."""
     import ray
 
     uri = storage_uri(path)
+    target: Any = uri
+    if filesystem is not None:
+        target = (filesystem, uri.removeprefix("s3://").split("?")[0].rstrip("/"))
     nodes = alive_nodes()
     token = uuid.uuid4().hex[:12]
     names = {n["NodeID"]: f"{token}-{n['NodeID'][:16]}" for n in nodes}
@@ -184,11 +192,11 @@ def probe_storage(path: str, timeout_s: float = 120.0) -> ProbeResult:
     try:
         # Round 1 finishes before round 2 starts: every file exists before anyone reads.
         write_errors = ray.get(
-            [write.options(**_on(nid)).remote(uri, n, expected[n]) for nid, n in names.items()],
+            [write.options(**_on(nid)).remote(target, n, expected[n]) for nid, n in names.items()],
             timeout=timeout_s,
         )
         read_errors = ray.get(
-            [read.options(**_on(nid)).remote(uri, expected) for nid in names], timeout=timeout_s
+            [read.options(**_on(nid)).remote(target, expected) for nid in names], timeout=timeout_s
         )
     except ray.exceptions.GetTimeoutError:
         raise StorageNotShared(
@@ -200,11 +208,11 @@ def probe_storage(path: str, timeout_s: float = 120.0) -> ProbeResult:
         NodeProbe(n["NodeID"], _label(n), werr, {node_of[k]: v for k, v in rerr.items()})
         for n, werr, rerr in zip(nodes, write_errors, read_errors, strict=True)
     ]
-    _cleanup_everywhere(uri, list(names.values()), nodes)
+    _cleanup_everywhere(target, list(names.values()), nodes)
     return ProbeResult(path=uri, nodes=probes)
 
 
-def _cleanup_everywhere(uri: str, names: list[str], nodes: list[dict[str, Any]]) -> None:
+def _cleanup_everywhere(uri: Any, names: list[str], nodes: list[dict[str, Any]]) -> None:
     import ray
 
     cleanup = _remote(_cleanup)
@@ -215,10 +223,10 @@ def _cleanup_everywhere(uri: str, names: list[str], nodes: list[dict[str, Any]])
         ray.get(refs, timeout=60)
 
 
-def require_shared_storage(path: str) -> None:
+def require_shared_storage(path: str, filesystem: Any = None) -> None:
     """On a cluster with more than one alive node, raise StorageNotShared unless the probe passes."""
     if len(alive_nodes()) < 2:
         return  # one node: every path it can write is shared with itself
-    verdict = judge_probe(probe_storage(path))
+    verdict = judge_probe(probe_storage(path, filesystem=filesystem))
     if verdict:
         raise StorageNotShared(f"{verdict}. {ADVICE[0].upper()}{ADVICE[1:]}.")

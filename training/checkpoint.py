@@ -35,6 +35,7 @@ __all__ = [
     "HF_CONFIG_NAME",
     "STATE_NAME",
     "TrainState",
+    "checkpoint_name",
     "git_commit",
     "load_rng",
     "package_versions",
@@ -65,6 +66,15 @@ class TrainState:
     resume_keys: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # seed, manifests, git commit
+    # "" or "_fromNNNNNNNN": set when a resume fell back past newer (broken) checkpoints, so the
+    # steps trained again get new dir names; Ray would otherwise prune the broken entry of the
+    # same name and delete the fresh checkpoint with it. Carried on by later checkpoints.
+    lineage: str = ""
+
+
+def checkpoint_name(state: TrainState) -> str:
+    """Dir name of the checkpoint of ``state`` (a re-trained step sorts after its broken twin)."""
+    return f"checkpoint_{state.step:08d}{state.lineage}"
 
 
 def package_versions() -> dict[str, str]:

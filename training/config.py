@@ -17,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "MODEL_PRESETS",
     "ScalingConfig",
+    "StorageS3Config",
     "TrainConfig",
     "TrainDataset",
 ]
@@ -154,6 +155,21 @@ class LoraConfig(_Section):
     )
 
 
+class StorageS3Config(_Section):
+    """Where an ``s3://`` ``train.storage_path`` is served; ignored for local paths."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (e.g. http://minio:9000) of an s3:// storage_path; "
+        "unset: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS.",
+    )
+    region: str | None = Field(
+        None,
+        description="Region of the storage bucket; unset: AWS_REGION or AWS_DEFAULT_REGION, else "
+        "asked of AWS.",
+    )
+
+
 class TrainConfig(_Section):
     """``raylm train``: what to train on, for how long, and how often to log/eval/checkpoint."""
 
@@ -198,8 +214,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=2, description="Newest checkpoints kept (at least 2).")
     storage_path: str = Field(
         "runs/train",
-        description="Parent of the run dir `storage_path/name` (every node must reach it).",
+        description="Parent of the run dir `storage_path/name`: a path every node reaches (local, "
+        "NFS) or s3://bucket/prefix.",
     )
+    s3: StorageS3Config = Field(default_factory=StorageS3Config)
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="On a non-finite loss or gradient: stop the run, or skip the update."
     )
@@ -244,6 +262,16 @@ class TrainConfig(_Section):
             value = [value]
         if isinstance(value, list):
             return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_or_s3(cls, value: str) -> str:
+        # A URI pathlib would turn into a local dir named "gs:" (a run nobody else sees).
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError("a local or mounted path, or s3://bucket/prefix")
+        if value.startswith("s3://") and not value[5:].split("?")[0].split("/")[0]:
+            raise ValueError("no bucket; s3://bucket/prefix")
         return value
 
     @model_validator(mode="after")

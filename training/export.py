@@ -136,9 +136,9 @@ def _write_tokenizer_and_generation(tok_src: Path, out: Path, conf: Any) -> dict
     return ids
 
 
-def _provenance(ckpt: Path, state: TrainState, dtype: str) -> dict[str, Any]:
+def _provenance(ckpt: Path, state: TrainState, dtype: str, origin: str = "") -> dict[str, Any]:
     return {
-        "checkpoint": str(ckpt.resolve()),
+        "checkpoint": origin or str(ckpt.resolve()),
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "seed": state.provenance.get("seed"),
@@ -194,25 +194,43 @@ def _write_adapter(peft_model: Any, tmp: Path, dtype: torch.dtype) -> None:
 
 
 def export(
-    src: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    adapter_only: bool = False,
+    filesystem: Any = None,
 ) -> Path:
-    """Export ``src`` (run dir or checkpoint dir) to ``out``; returns ``out``.
+    """Export ``src`` (run dir or checkpoint dir, local or ``s3://``) to ``out``; returns ``out``.
 
     A LoRA run exports the base with the adapter merged in, or with ``adapter_only`` the adapter
-    alone (``adapter_config.json`` names the base dir), each with the tokenizer files.
+    alone (``adapter_config.json`` names the base dir), each with the tokenizer files. An S3
+    checkpoint is downloaded and verified first (``filesystem``: the run's S3 filesystem; default:
+    endpoint and credentials from the environment, ``AWS_ENDPOINT_URL``).
     """
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
+    if str(src).startswith("s3://"):
+        from training.storage import fetch_checkpoint, parse_s3, s3_filesystem
+
+        fs = filesystem or s3_filesystem(parse_s3(str(src)))
+        with fetch_checkpoint(str(src), fs) as (ckpt, state, origin):
+            return _export(ckpt, state, Path(out), dtype, adapter_only, origin)
+    ckpt, state = find_checkpoint(src)
+    return _export(ckpt, state, Path(out), dtype, adapter_only)
+
+
+def _export(
+    ckpt: Path, state: TrainState, out: Path, dtype: str, adapter_only: bool, origin: str = ""
+) -> Path:
+    """The export of one verified checkpoint dir (its run's tokenizer next to it or recorded)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
-    ckpt, state = find_checkpoint(src)
     if not (ckpt / HF_CONFIG_NAME).is_file():
         raise CheckpointError(f"{ckpt}: no {HF_CONFIG_NAME} (written by raylm train)")
     lora = (ckpt / ADAPTER_CONFIG_NAME).is_file()
     if adapter_only and not lora:
         raise CheckpointError(f"--adapter-only: {ckpt} is not from a LoRA run (train.lora)")
-    out = Path(out)
     tmp = _prepare_out(out)
     conf = LlamaConfig.from_json_file(str(ckpt / HF_CONFIG_NAME))
     sd = consolidated_state_dict(ckpt)
@@ -231,7 +249,7 @@ def export(
     if not adapter_only:
         conf.save_pretrained(str(tmp))
         _add_torch_dtype(tmp / "config.json")
-    prov = _provenance(ckpt, state, dtype)
+    prov = _provenance(ckpt, state, dtype, origin)
     if lora:
         prov.update(lora_base=state.resume_keys.get("model.init_from"), adapter_only=adapter_only)
     (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1), encoding="utf-8")

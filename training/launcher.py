@@ -8,12 +8,15 @@ typed job and calls ``training.loop.run_worker`` with Ray-backed reporting and r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +31,26 @@ from training.lora import check_lora_targets
 from training.model import hf_config, model_max_positions
 from training.observe import driver_progress, resolve_trackers
 from training.preempt import driver_sigterm
-from training.records import read_events
-from training.runlock import run_lock
+from training.records import EVENTS_NAME, METRICS_NAME, read_events
+from training.storage import (
+    RunView,
+    check_s3_storage,
+    download_checkpoints,
+    fs_path,
+    is_s3,
+    list_checkpoints,
+    parse_s3,
+    pushing_reports,
+    run_uri,
+    s3_filesystem,
+    worker_run,
+)
+from training.storage import open_run as _open_run
 
 if TYPE_CHECKING:
     from cluster.config import RaylmConfig
 
-__all__ = ["job_from_dict", "job_to_dict", "plan_job", "run_dir", "train"]
+__all__ = ["job_from_dict", "job_to_dict", "open_run", "plan_job", "run_dir", "train"]
 
 log = logging.getLogger(__name__)
 # Test-only fault injection: "STEP:RANK" SIGKILLs that worker once, after that optimizer step
@@ -45,7 +61,26 @@ GRADS_ENV = "RAYLM_TEST_GRADS_AT_STEP"
 
 
 def run_dir(cfg: RaylmConfig) -> Path:
+    """The run dir of a local (or mounted) ``train.storage_path``; S3 runs: :func:`open_run`."""
+    if is_s3(cfg.train.storage_path):
+        raise ValueError(f"{run_uri(cfg.train.storage_path, cfg.name)} is on S3: use open_run(cfg)")
     return Path(cfg.train.storage_path).resolve() / cfg.name
+
+
+def open_run(cfg: RaylmConfig) -> contextlib.AbstractContextManager[RunView]:
+    """The run lock (``flock``; S3: a lease object) and the driver's view of the run dir."""
+    s3 = cfg.train.s3
+    return _open_run(cfg.train.storage_path, cfg.name, s3.endpoint_url, s3.region)
+
+
+def _ray_storage(cfg: RaylmConfig) -> tuple[str, Any]:
+    """``RunConfig(storage_path, storage_filesystem)``: an absolute local path and None, or the
+    S3 path without its scheme and the S3 filesystem every process of the run uses."""
+    path = cfg.train.storage_path
+    if not is_s3(path):
+        return str(Path(path).resolve()), None
+    return fs_path(path), s3_filesystem(parse_s3(path, cfg.train.s3.endpoint_url,
+                                                 cfg.train.s3.region))  # fmt: skip
 
 
 def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int]:
@@ -190,14 +225,16 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
     trained = cfg.model_dump(mode="json", include={"name", "seed", "model", "train", "deepspeed",
                                                    "scaling"})  # fmt: skip
     blob = json.dumps(trained, sort_keys=True).encode()
+    if is_s3(cfg.train.storage_path):  # last: the checks above need no network
+        check_s3_storage(cfg.train.storage_path, cfg.train.s3.endpoint_url, cfg.train.s3.region)
     # Workers run in their own working directory: hand them absolute paths.
     model = cfg.model
     if model.init_from:
         model = model.model_copy(update={"init_from": str(Path(model.init_from).resolve())})
     return WorkerJob(
         model=model, train=resolve_trackers(cfg.train), deepspeed=cfg.deepspeed, seed=cfg.seed,
-        run_dir=str(run_dir(cfg)), datasets=infos, weights=weights, seq_len=seq_len,
-        vocab_size=vocab, pad_id=pad, total_steps=total,
+        run_dir=run_uri(cfg.train.storage_path, cfg.name), datasets=infos, weights=weights,
+        seq_len=seq_len, vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
         use_gpu=cfg.scaling.use_gpu, versions=package_versions(), provenance=_provenance(cfg, infos),
     )  # fmt: skip
@@ -224,7 +261,9 @@ def job_from_dict(raw: dict[str, Any]) -> WorkerJob:
 # ---------------------------------------------------------------- worker side (inside Ray)
 
 
-def _ray_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+def _ray_report(
+    metrics: dict[str, Any], checkpoint_dir: Path | None, step: int, dir_name: str | None = None
+) -> None:
     import ray.train
 
     # collective: Ray Train's report is a barrier; every rank calls it on the same steps.
@@ -234,7 +273,7 @@ def _ray_report(metrics: dict[str, Any], checkpoint_dir: Path | None, step: int)
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-        checkpoint_dir_name=f"checkpoint_{step:08d}",
+        checkpoint_dir_name=dir_name or f"checkpoint_{step:08d}",
     )
 
 
@@ -248,6 +287,21 @@ def _resume_candidates(job: WorkerJob) -> list[Path]:
     first = Path(latest.path)
     older = sorted((p for p in Path(job.run_dir).glob("checkpoint_*") if p.is_dir()), reverse=True)
     return [first] + [p for p in older if p.resolve() != first.resolve()]
+
+
+def _s3_resume_candidates(fs: Any) -> Iterable[Path]:
+    """S3: Ray's latest checkpoint, then older ones, each downloaded when the loop reaches it.
+
+    The loop stops iterating at the first that verifies and loads; the generator is then closed
+    (CPython: when ``_maybe_resume`` returns) and its download deleted.
+    """
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return []
+    run = latest.path.rstrip("/").rsplit("/", 1)[0]
+    return download_checkpoints(fs, list_checkpoints(fs, run, first=latest.path))
 
 
 def _kill_hook(job: WorkerJob, spec: str) -> Callable[[int, int], None] | None:
@@ -293,11 +347,31 @@ def _train_fn(config: dict[str, Any]) -> None:
     if not job.use_gpu:  # workers share the cores: no oversubscription
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
-    io = WorkerIO(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), report=_ray_report,
-                  resume_candidates=lambda: _resume_candidates(job),
-                  after_step=_kill_hook(job, config.get("kill_at", "")),
-                  before_update=_grads_hook(job, config.get("grads_at", "")))  # fmt: skip
-    run_worker(job, io)
+    rank = ctx.get_world_rank()
+    fs = config.get("run_fs")
+    if fs is None:
+        run_worker(job, _worker_io(job, config, rank, _ray_report, lambda: _resume_candidates(job)))
+        return
+    # S3: the loop's run dir is this worker's local mirror of the run dir.
+    with worker_run(fs, job.run_dir, rank) as mirror:
+        job = dataclasses.replace(job, run_dir=str(mirror.local))
+        report = pushing_reports(mirror, _ray_report)
+        run_worker(job, _worker_io(job, config, rank, report, lambda: _s3_resume_candidates(fs)))
+
+
+def _worker_io(
+    job: WorkerJob,
+    config: dict[str, Any],
+    rank: int,
+    report: Callable[..., None],
+    candidates: Callable[[], Iterable[Path]],
+) -> WorkerIO:
+    import ray.train
+
+    return WorkerIO(rank=rank, world_size=ray.train.get_context().get_world_size(), report=report,
+                    resume_candidates=candidates,
+                    after_step=_kill_hook(job, config.get("kill_at", "")),
+                    before_update=_grads_hook(job, config.get("grads_at", "")))  # fmt: skip
 
 
 def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
@@ -310,6 +384,7 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
 
     job = job or plan_job(cfg)
     sc = cfg.scaling
+    storage, fs = _ray_storage(cfg)
     trainer = TorchTrainer(
         _train_fn,
         # The kill switch is read on the driver: Ray workers inherit the environment of the
@@ -319,6 +394,7 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
             "threads": sc.cpus_per_worker,
             "kill_at": os.environ.get(KILL_ENV, ""),
             "grads_at": os.environ.get(GRADS_ENV, ""),
+            **({"run_fs": fs} if fs is not None else {}),  # S3: side files go through it too
         },  # fmt: skip
         scaling_config=RayScaling(
             num_workers=sc.num_workers,
@@ -328,7 +404,8 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
         ),  # fmt: skip
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.train.storage_path).resolve()),
+            storage_path=storage,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=sc.max_failures),
         ),
@@ -342,17 +419,26 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
 def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
     """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
     export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
-    rd = run_dir(cfg)
-    with run_lock(rd):
+    with open_run(cfg) as run:
+        rd = run.local
+        run.sync()  # S3: the resolved config goes up before the workers start
         events_before = len(read_events(rd))
-        with driver_sigterm(rd), driver_progress(rd, job.total_steps, cfg.train.progress):
+        progress = sys.stderr.isatty() if cfg.train.progress is None else cfg.train.progress
+        with (
+            driver_sigterm(rd),
+            run.follow(progress),
+            driver_progress(rd, job.total_steps, cfg.train.progress),
+        ):
             result = trainer.fit()
+        run.sync(pull=[EVENTS_NAME, METRICS_NAME])  # S3: what the workers wrote, for the checks
         stops = [e for e in read_events(rd)[events_before:] if e["event"] == "preempt"]
         if stops:
             raise Preempted(stops[-1]["step"], stops[-1]["reason"])
         if cfg.train.export_dir:
             from training.export import export
 
-            out = export(rd, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype)
-            log.info("exported %s to %s", rd, out)
+            src = run.uri if run.fs is not None else rd
+            out = export(src, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype,
+                         filesystem=run.fs)  # fmt: skip
+            log.info("exported %s to %s", run.uri, out)
     return result

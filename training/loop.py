@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from training.batch import IGNORE_INDEX, document_causal_mask, loss_targets, tok
 from training.checkpoint import (
     HF_CONFIG_NAME,
     TrainState,
+    checkpoint_name,
     load_rng,
     resume_mismatch,
     save_rng,
@@ -85,8 +86,15 @@ class WorkerJob:
 
 
 class Reporter(Protocol):
-    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
-        """Called by every rank the same number of times (a collective under Ray Train)."""
+    def __call__(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: Path | None,
+        step: int,
+        dir_name: str | None = None,
+    ) -> None:
+        """Called by every rank the same number of times (a collective under Ray Train); with a
+        checkpoint, ``dir_name`` is what to store it as (the same on every rank)."""
 
 
 @dataclass
@@ -94,8 +102,9 @@ class WorkerIO:
     rank: int
     world_size: int
     report: Reporter
-    # Checkpoint dirs to try, newest first; the first one that verifies is resumed from.
-    resume_candidates: Callable[[], list[Path]] = list
+    # Checkpoint dirs to try, newest first; the first one that verifies is resumed from. May be
+    # a lazy iterable (S3: each is downloaded only when reached).
+    resume_candidates: Callable[[], Iterable[Path]] = list
     # Test hook called after each optimizer step with (step, rank): fault injection.
     after_step: Callable[[int, int], None] | None = None
     # Test hook called with (module, step, rank) after the step's last backward, before the
@@ -257,6 +266,8 @@ def _maybe_resume(ctx: _Ctx) -> bool:
             raise CheckpointError(f"{cand}: DeepSpeed found no engine state")
         load_rng(Path(cand), ctx.io.rank)
         ctx.state = saved
+        if skipped:  # the skipped checkpoints' steps are trained again: name them apart
+            ctx.state.lineage = f"_from{saved.step:08d}"
         if ctx.io.rank == 0:
             _note_resume(ctx, Path(cand), skipped)
         return True
@@ -457,7 +468,7 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
             # The model's transformers config: export rebuilds the architecture from it.
             ctx.engine.module.config.to_json_file(str(tmp / HF_CONFIG_NAME))
         write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
-        ctx.io.report(metrics, tmp, ctx.state.step)
+        ctx.io.report(metrics, tmp, ctx.state.step, checkpoint_name(ctx.state))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """``raylm report RUN_DIR``: PNG curves from ``metrics.jsonl`` and a one-screen text summary.
 
-Reads only the run dir (no Ray, no torch), so it runs on a laptop against a synced run dir.
+Reads only the run dir (no Ray, no torch), so it runs on a laptop against a synced run dir, or
+against an ``s3://`` run dir directly (endpoint and credentials from the environment).
 Plots go to ``RUN_DIR/plots/``: ``loss.png`` (train and eval loss), ``lr.png``,
 ``tokens_per_s.png`` and, when the run evaluated, ``eval.png`` (eval loss and perplexity).
 """
@@ -9,19 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.records import METRICS_NAME, read_events
+from training.records import EVENTS_NAME, METRICS_NAME, read_events
 
 __all__ = ["Report", "read_metrics", "report", "summarize"]
 
 
 @dataclass
 class Report:
-    plots: list[Path]
+    plots: list[Path | str]  # s3:// runs: the plots' URIs
     summary: str
 
 
@@ -97,16 +100,25 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summarize(run_dir: str | Path, rows: list[dict[str, Any]]) -> str:
-    """At most ~12 lines: where the run stands and how it went."""
+def summarize(
+    run_dir: str | Path,
+    rows: list[dict[str, Any]],
+    *,
+    shown: str = "",
+    checkpoints: list[str] | None = None,
+) -> str:
+    """At most ~12 lines: where the run stands and how it went. ``shown`` and ``checkpoints``
+    stand in for the run dir's path and listing when ``run_dir`` is a local copy (S3)."""
     last = rows[-1]
     _, losses = _series(rows, "loss")
     ev_steps, ev = _series(rows, "eval_loss")
     _, tps = _series(rows, "tokens_per_s")
     resumes = [e for e in read_events(run_dir) if e.get("event") == "resume"]
-    ckpts = sorted(p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    if checkpoints is None:
+        checkpoints = [p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()]
+    ckpts = sorted(checkpoints)
     lines = [
-        f"run          {Path(run_dir).resolve()}",
+        f"run          {shown or Path(run_dir).resolve()}",
         f"steps        {last['step']} logged, {len(rows)} rows; tokens seen "
         f"{_fmt(last.get('tokens_seen'), ',')}",
         f"train loss   first {_fmt(losses[0] if losses else None)}  last "
@@ -129,9 +141,37 @@ def summarize(run_dir: str | Path, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(run_dir: str | Path) -> Report:
+def report(run_dir: str | Path, filesystem: Any = None) -> Report:
     """Write the plots under ``run_dir/plots`` and return them with the summary text."""
+    if str(run_dir).startswith("s3://"):
+        return _s3_report(str(run_dir).rstrip("/"), filesystem)
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{Path(run_dir) / METRICS_NAME}: empty (no step logged yet)")
     return Report(plots=_plots(rows, Path(run_dir) / "plots"), summary=summarize(run_dir, rows))
+
+
+def _s3_report(uri: str, fs: Any) -> Report:
+    """``report`` of an S3 run dir: its metrics and events read through a temp copy, the plots
+    uploaded to ``RUN/plots/``."""
+    from training.storage import Mirror, fs_path, list_checkpoints, parse_s3, s3_filesystem
+
+    fs = fs or s3_filesystem(parse_s3(uri))
+    with tempfile.TemporaryDirectory(prefix="raylm_report_") as tmp:
+        mirror = Mirror(fs, fs_path(uri), Path(tmp))
+        if not mirror.exists(METRICS_NAME):
+            raise FileNotFoundError(f"{uri}/{METRICS_NAME}: no metrics (is {uri} a `raylm train` "
+                                    "run dir?)")  # fmt: skip
+        mirror.pull([METRICS_NAME, EVENTS_NAME])
+        try:
+            rows = read_metrics(tmp)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(tmp, uri)) from None
+        if not rows:
+            raise ValueError(f"{uri}/{METRICS_NAME}: empty (no step logged yet)")
+        ckpts = [posixpath.basename(p) for p in list_checkpoints(fs, fs_path(uri))]
+        plots = _plots(rows, Path(tmp) / "plots")
+        for plot in plots:
+            mirror.put(f"plots/{plot.name}", plot.read_bytes())
+        summary = summarize(tmp, rows, shown=uri, checkpoints=ckpts)
+    return Report(plots=[f"{uri}/plots/{p.name}" for p in plots], summary=summary)

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,12 +32,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from tests.conftest import moto_s3_server
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -254,31 +254,6 @@ def _lines(out: str) -> dict[str, str]:
     return rows
 
 
-@contextlib.contextmanager
-def _s3_server() -> Iterator[str]:
-    """moto's S3 server on a free 127.0.0.1 port, for this block only."""
-    exe = shutil.which("moto_server", path=str(BIN)) or shutil.which("moto_server")
-    assert exe, "moto_server missing: install the dev extra (moto[server])"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto_server did not start within 60 s"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def _jobs_client(c: LoopbackCluster):
     from ray.job_submission import JobSubmissionClient
 
@@ -345,7 +320,7 @@ def test_doctor_passes_then_fails_each_check(cluster, workdir) -> None:
     assert "each of 2 node(s) wrote a file" in rows["storage"]
 
     # An s3:// storage path (a real S3 server on 127.0.0.1) is probed from both nodes too.
-    with _s3_server() as endpoint:
+    with moto_s3_server() as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",

@@ -57,9 +57,9 @@ def run(tmp_path_factory) -> Path:
                     config_hash="test", provenance={"seed": 0, "git_commit": "abc"})  # fmt: skip
     kept: list[Path] = []
 
-    def report(metrics, checkpoint_dir, step):  # keep checkpoints as Ray would
+    def report(metrics, checkpoint_dir, step, dir_name=None):  # keep checkpoints as Ray would
         if checkpoint_dir is not None:
-            kept.append(root / "run" / f"checkpoint_{step:08d}")
+            kept.append(root / "run" / dir_name)
             shutil.copytree(checkpoint_dir, kept[-1], dirs_exist_ok=True)
 
     run_worker(job, WorkerIO(0, 1, report))

@@ -33,7 +33,7 @@ def _job(dataset: Path, run_dir: Path, **train_kw) -> WorkerJob:
 def test_loop_runs_without_ray_and_reports(dataset, tmp_path) -> None:
     reports: list[tuple[int, bool]] = []
 
-    def report(metrics, checkpoint_dir, step):
+    def report(metrics, checkpoint_dir, step, dir_name=None):
         reports.append((step, checkpoint_dir is not None))
 
     state = run_worker(_job(dataset, tmp_path, max_steps=3, lr=3e-3), WorkerIO(0, 1, report))

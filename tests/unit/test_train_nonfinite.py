@@ -58,7 +58,7 @@ def _with_zero(job, stage: int):
 def test_skip_drops_the_poisoned_update_and_the_run_goes_on(stage, dataset, tmp_path) -> None:
     saved = []
 
-    def report(metrics, checkpoint_dir, step):
+    def report(metrics, checkpoint_dir, step, dir_name=None):
         if checkpoint_dir is not None:
             saved.append(verify_checkpoint(checkpoint_dir))
 

@@ -42,9 +42,9 @@ def test_tensorboard_has_the_metrics_rows_once_each_after_a_resume(dataset, tmp_
     pytest.importorskip("tensorboard")
     run_dir, kept = tmp_path / "run", []
 
-    def report(metrics, checkpoint_dir, step):  # keep checkpoints as Ray would
+    def report(metrics, checkpoint_dir, step, dir_name=None):  # keep checkpoints as Ray would
         if checkpoint_dir is not None:
-            kept.append(run_dir / f"checkpoint_{step:08d}")
+            kept.append(run_dir / dir_name)
             shutil.copytree(checkpoint_dir, kept[-1], dirs_exist_ok=True)
 
     job = _job(dataset, run_dir, max_steps=4, lr=3e-3, tensorboard=True)

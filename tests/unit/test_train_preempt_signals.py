@@ -23,7 +23,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _io(reports: list, after_step=None) -> WorkerIO:
-    def report(metrics, checkpoint_dir, step):
+    def report(metrics, checkpoint_dir, step, dir_name=None):
         reports.append((step, checkpoint_dir is not None))
 
     return WorkerIO(0, 1, report, after_step=after_step)
