@@ -5,6 +5,7 @@ At each concurrency level (default 1, 8, 16, 32) it reports requests/s, output t
 token and end-to-end latency (p50/p99) for:
 
 - ``serve``  : streaming POST /v1/completions over HTTP on 127.0.0.1 through Ray Serve's proxy;
+- ``direct`` : the same, sent to the replica's own port (``serve.direct_ingress``: no proxy hop);
 - ``engine`` : ``Engine.submit`` in this process (no HTTP, no Ray): Serve's added cost is the gap;
 - ``hf-seq`` : ``model.generate`` one request after another (batching gain is engine or serve / this).
 
@@ -245,15 +246,34 @@ async def run_levels(callers: dict[str, Callable[[int], Awaitable[Sample]]], arg
     return runs
 
 
+def direct_url() -> str | None:
+    """The replica's own address (serve.direct_ingress): Serve allocates ports from 30000."""
+    import httpx
+
+    for port in range(30000, 30064):
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["bench"]:
+            return f"http://127.0.0.1:{port}/v1"
+    return None
+
+
 async def _engine_and_http(engine, url: str | None, prompts, args) -> Runs:
     import httpx
 
     callers = {"engine": engine_caller(engine, prompts, args.max_tokens)}
-    limits = httpx.Limits(max_connections=max(args.levels) + 4)
+    limits = httpx.Limits(max_connections=2 * max(args.levels) + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         if url is not None:
             callers["serve"] = http_caller(client, url, "bench", prompts, args.max_tokens)
             callers["serve-js"] = json_caller(client, url, "bench", prompts, args.max_tokens)
+            direct = direct_url()
+            if direct is None:
+                print("no replica answers on its own port: the direct rows are left out")
+            else:
+                callers["direct"] = http_caller(client, direct, "bench", prompts, args.max_tokens)
         return await run_levels(callers, args)
 
 
@@ -281,6 +301,7 @@ def measure(model_dir, prompts, args) -> Runs:
                 num_cpus=args.threads,
                 engine=engine_cfg,
                 autoscaling={"min_replicas": 1, "max_replicas": 1},
+                direct_ingress=True,
             )
             url = start(cfg)
         return asyncio.run(_engine_and_http(engine, url, prompts, args))
@@ -319,10 +340,16 @@ def print_ratios(hf: dict, runs: Runs, levels: list[int]) -> None:
         print(f"  streamed TTFT p50 {_paired(e, s, 'ttft_p50')} (aim <= 5)")
         print(f"  streamed e2e p50 {_paired(e, s, 'e2e_p50')}")
         print(f"  non-streamed e2e p50 {_paired(e, js, 'e2e_p50')} (aim <= 3)")
+        if "direct" in runs:
+            d = runs["direct"][1]
+            print(f"  direct ingress (replica port, no proxy): streamed TTFT p50 "
+                  f"{_paired(e, d, 'ttft_p50')}, e2e p50 {_paired(e, d, 'e2e_p50')}")  # fmt: skip
     for c in levels:
         line = f"batching gain at c={c}: engine {medians(eng[c])['tok_s'] / hf['tok_s']:.1f}x"
         if srv:
             line += f", serve {medians(srv[c])['tok_s'] / hf['tok_s']:.1f}x"
+        if "direct" in runs:
+            line += f", direct {medians(runs['direct'][c])['tok_s'] / hf['tok_s']:.1f}x"
         print(
             line + " output tokens/s over sequential generate" + (" (aim >= 6x)" if c == 16 else "")
         )

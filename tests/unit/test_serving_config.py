@@ -85,6 +85,19 @@ def test_replicas_per_node_reaches_the_serve_deployment(tiny_model_dir):
         assert replica.ray_actor_options["num_cpus"] == 0.5
 
 
+def test_direct_ingress_is_set_on_the_replicas_only_and_needs_a_proxy(tiny_model_dir):
+    from serving.config import ServeConfig
+    from serving.deployment import build_application
+
+    models = [{"name": "m", "path": str(tiny_model_dir)}]
+    for on in (False, True):
+        replica = build_application(ServeConfig(models=models, direct_ingress=on))
+        env = replica._bound_deployment._replica_config.ray_actor_options["runtime_env"]["env_vars"]
+        assert env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == ("1" if on else None)
+    with pytest.raises(ValidationError, match="direct_ingress"):
+        ServeConfig(models=models, direct_ingress=True, proxy_location="Disabled")
+
+
 def test_raylm_serve_without_models_is_a_config_error(capsys):
     from cluster.cli import main
 
