@@ -209,3 +209,21 @@ def pretrained_model_dir(ray_local, prepared_pretrain, tmp_path_factory):
         "deepspeed.zero_stage=2",
     ])  # fmt: skip
     return root / "export"
+
+
+def assistant_spans(ids, carries, tok, end_id: int, answers: set[str]) -> int:
+    """Check every loss-carrying span of SFT rows and return how many there are.
+
+    ids, carries: (rows, seq) token ids and the bool mask of tokens with a label. Each span must end
+    with the end-of-turn token and decode (without it) to one of ``answers``.
+    """
+    import numpy as np
+
+    spans = 0
+    for row_ids, row_mask in zip(ids, carries, strict=True):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row_mask.astype(int), [0]])))
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            assert row_ids[b - 1] == end_id, "each answer ends with the end-of-turn token"
+            assert tok.decode(row_ids[a : b - 1]) in answers
+            spans += 1
+    return spans

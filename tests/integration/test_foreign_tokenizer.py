@@ -23,7 +23,7 @@ from data_pipelines.pack import IGNORE_INDEX
 from data_pipelines.prepare import plan_prepare, summarize
 from data_pipelines.tokenize import load_tokenizer
 from data_pipelines.tokenizer_train import CHAT_TEMPLATE, END_OF_TURN, ROLE_TOKENS
-from tests.conftest import prepare_sft_data, train_and_export
+from tests.conftest import assistant_spans, prepare_sft_data, train_and_export
 from training.errors import TrainConfigError
 from training.launcher import plan_job
 
@@ -102,14 +102,8 @@ def test_prepare_adds_the_default_template_and_labels_assistant_turns(
     carries = labels != IGNORE_INDEX
     assert (labels[carries] == ids[carries]).all()
     assert not np.isin(ids[carries], list(role_ids)).any()
-    spans = 0
-    for row_ids, row_mask in zip(ids, carries, strict=True):
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], row_mask.astype(int), [0]])))
-        for a, b in zip(edges[::2], edges[1::2], strict=True):
-            assert row_ids[b - 1] == end_id, "each answer ends with the end-of-turn token"
-            assert tok.decode(row_ids[a : b - 1]) in answers
-            spans += 1
     # exactly the assistant turns carry loss: one span per <|assistant|> marker
+    spans = assistant_spans(ids, carries, tok, end_id, answers)
     assert spans == int((ids == assistant_id).sum()) > 0
 
 

@@ -16,7 +16,7 @@ from data_pipelines.clean import content_hash, is_validation, normalize_text
 from data_pipelines.errors import DataError
 from data_pipelines.pack import IGNORE_INDEX
 from data_pipelines.tokenize import load_tokenizer
-from tests.conftest import prepare_data
+from tests.conftest import assistant_spans, prepare_data
 
 REQUIRED = (
     "documents_read",
@@ -93,14 +93,7 @@ def test_sft_labels_cover_assistant_answers_only(prepared_sft, synth_corpus, tok
     carries = labels != IGNORE_INDEX
     assert (labels[carries] == ids[carries]).all()
     assert ((pos == 0).sum(axis=1) > 2).any(), "pack=True should put several conversations in a row"
-    spans = 0
-    for row_ids, row_mask in zip(ids, carries, strict=True):
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], row_mask.astype(int), [0]])))
-        for a, b in zip(edges[::2], edges[1::2], strict=True):
-            assert row_ids[b - 1] == end_id, "each answer ends with the end-of-turn token"
-            assert tok.decode(row_ids[a : b - 1]) in answers
-            spans += 1
-    assert spans > 0
+    assert assistant_spans(ids, carries, tok, end_id, answers) > 0
 
 
 def _write_messy(d: Path) -> None:
