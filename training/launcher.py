@@ -353,10 +353,13 @@ def _train_fn(config: dict[str, Any]) -> None:
         run_worker(job, _worker_io(job, config, rank, _ray_report, lambda: _resume_candidates(job)))
         return
     # S3: the loop's run dir is this worker's local mirror of the run dir.
-    with worker_run(fs, job.run_dir, rank) as mirror:
+    remote = job.run_dir
+    with worker_run(fs, remote, rank) as mirror:
         job = dataclasses.replace(job, run_dir=str(mirror.local))
         report = pushing_reports(mirror, _ray_report)
-        run_worker(job, _worker_io(job, config, rank, report, lambda: _s3_resume_candidates(fs)))
+        io = _worker_io(job, config, rank, report, lambda: _s3_resume_candidates(fs))
+        io.name_of = lambda local: f"{remote.rstrip('/')}/{local.name}"
+        run_worker(job, io)
 
 
 def _worker_io(

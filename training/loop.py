@@ -105,6 +105,9 @@ class WorkerIO:
     # Checkpoint dirs to try, newest first; the first one that verifies is resumed from. May be
     # a lazy iterable (S3: each is downloaded only when reached).
     resume_candidates: Callable[[], Iterable[Path]] = list
+    # What a candidate is called in errors, warnings and events.jsonl (S3: its s3:// URI, not the
+    # temporary download).
+    name_of: Callable[[Path], str] = str
     # Test hook called after each optimizer step with (step, rank): fault injection.
     after_step: Callable[[int, int], None] | None = None
     # Test hook called with (module, step, rank) after the step's last backward, before the
@@ -249,14 +252,15 @@ def _maybe_resume(ctx: _Ctx) -> bool:
     """Load the newest checkpoint that verifies (True), warning naming any skipped one."""
     skipped: list[str] = []
     for cand in ctx.io.resume_candidates():
+        name = ctx.io.name_of(cand)
         try:
             saved = verify_checkpoint(cand)
         except CheckpointError as exc:
-            skipped.append(str(exc))
+            skipped.append(str(exc).replace(str(cand), name))
             continue
         diff = resume_mismatch(saved.resume_keys, ctx.job.resume_keys)
         if diff:
-            raise CheckpointError(f"{cand}: cannot resume, changed: {', '.join(diff)}")
+            raise CheckpointError(f"{name}: cannot resume, changed: {', '.join(diff)}")
         # collective: every rank loads its own shards (same dir, rank-specific file names).
         # LoRA checkpoints hold only the adapters; the frozen base came from model.init_from.
         path, _ = ctx.engine.load_checkpoint(str(cand), load_optimizer_states=True,
@@ -269,17 +273,17 @@ def _maybe_resume(ctx: _Ctx) -> bool:
         if skipped:  # the skipped checkpoints' steps are trained again: name them apart
             ctx.state.lineage = f"_from{saved.step:08d}"
         if ctx.io.rank == 0:
-            _note_resume(ctx, Path(cand), skipped)
+            _note_resume(ctx, name, skipped)
         return True
     if skipped:
         raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(skipped))
     return False
 
 
-def _note_resume(ctx: _Ctx, cand: Path, skipped: list[str]) -> None:
+def _note_resume(ctx: _Ctx, name: str, skipped: list[str]) -> None:
     if skipped:
-        log.warning("resuming from %s; skipped: %s", cand, "; ".join(skipped))
-    append_event(Path(ctx.job.run_dir), "resume", step=ctx.state.step, checkpoint=str(cand),
+        log.warning("resuming from %s; skipped: %s", name, "; ".join(skipped))
+    append_event(Path(ctx.job.run_dir), "resume", step=ctx.state.step, checkpoint=name,
                  skipped=skipped)  # fmt: skip
 
 

@@ -125,9 +125,11 @@ def test_train_resume_report_and_export_on_s3(
     aws.put_object(Bucket=BUCKET, Key=shard, Body=body[: len(body) // 2])
     assert main(_train_args(prepared, endpoint, steps=6)) == 0, capsys.readouterr().err[-3000:]
     (resume,) = [e for e in _jsonl(aws, run + "events.jsonl") if e["event"] == "resume"]
-    assert (resume["step"], Path(resume["checkpoint"]).name) == (2, "checkpoint_00000002")
+    # Named by their s3:// URIs, not the workers' temporary downloads.
+    assert (resume["step"], resume["checkpoint"]) == (2, f"s3://{BUCKET}/{run}checkpoint_00000002")
     assert len(resume["skipped"]) == 1, resume
-    assert "checkpoint_00000004: global_step4/zero_pp_rank_1" in resume["skipped"][0]
+    bad = f"s3://{BUCKET}/{run}checkpoint_00000004: global_step4/zero_pp_rank_1"
+    assert bad in resume["skipped"][0], resume
     rows = _jsonl(aws, run + "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[:2] == first[:2]  # steps 1-2 were not trained again (their rows are the old ones)
