@@ -7,7 +7,10 @@ token and end-to-end latency (p50/p99) for:
 - ``serve``  : streaming POST /v1/completions over HTTP on 127.0.0.1 through Ray Serve's proxy;
 - ``direct`` : the same, sent to the replica's own port (``serve.direct_ingress``: no proxy hop);
 - ``engine`` : ``Engine.submit`` in this process (no HTTP, no Ray): Serve's added cost is the gap;
-- ``hf-seq`` : ``model.generate`` one request after another (batching gain is engine or serve / this).
+- ``hf-seq`` : ``model.generate`` one request after another (batching gain is engine or serve / this);
+- ``*-1t``   : at concurrency 1 only, one-token non-streamed requests to the engine, through the
+  proxy and direct: their end-to-end difference is Serve's added latency per request (with
+  ``--max-tokens`` of decoding in it, the run-to-run noise would be larger than the latency).
 
 Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``) with greedy decoding. TTFT is
 the first token with text on both sides (the HTTP layer sends no frame for a token whose text is still
@@ -160,17 +163,22 @@ def _completion_body(model: str, prompt: str, max_tokens: int, stream: bool) -> 
     return body
 
 
-def http_caller(client, url: str, model: str, prompts: list[str], max_tokens: int):
-    """Streaming completions; TTFT = first SSE chunk carrying a choice, tokens from usage."""
+def http_caller(session, url: str, model: str, prompts: list[str], max_tokens: int):
+    """Streaming completions; TTFT = first SSE chunk carrying a choice, tokens from usage.
+
+    The client is aiohttp (as vLLM's serving benchmark uses): on a 2-core machine the load
+    generator shares the CPU with the server, and httpx's streaming parse cost about 3x aiohttp's
+    CPU per token here, which would be billed to Serve.
+    """
 
     async def one(i: int) -> Sample:
         body = _completion_body(model, prompts[i % len(prompts)], max_tokens, stream=True)
         t0 = time.perf_counter()
         first, n = None, 0
-        async with client.stream("POST", url + "/completions", json=body) as r:
+        async with session.post(url + "/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in r.content:  # one SSE line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
                 if chunk.get("choices"):
@@ -182,42 +190,52 @@ def http_caller(client, url: str, model: str, prompts: list[str], max_tokens: in
     return one
 
 
-def json_caller(client, url: str, model: str, prompts: list[str], max_tokens: int):
+def json_caller(session, url: str, model: str, prompts: list[str], max_tokens: int):
     """Non-streaming completions: one Serve hop per request (TTFT = end-to-end)."""
 
     async def one(i: int) -> Sample:
         body = _completion_body(model, prompts[i % len(prompts)], max_tokens, stream=False)
         t0 = time.perf_counter()
-        r = await client.post(url + "/completions", json=body)
-        r.raise_for_status()
+        async with session.post(url + "/completions", json=body) as r:
+            r.raise_for_status()
+            usage = (await r.json())["usage"]
         dt = time.perf_counter() - t0
-        return Sample(dt, dt, r.json()["usage"]["completion_tokens"])
+        return Sample(dt, dt, usage["completion_tokens"])
 
     return one
 
 
-def hf_sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """One request at a time through model.generate (no batching): the baseline for batching gain."""
+def hf_sequential(model_dir: Path, prompts: list[str], max_tokens: int) -> Callable[[], dict]:
+    """One request at a time through model.generate (no batching): the baseline for batching gain.
+
+    Returns a function that runs one round of ``prompts`` and summarizes it; every round of every
+    level runs it next to the other modes, so the gain is a ratio within one round.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
-    samples = []
-    t_all = time.perf_counter()
-    for p in prompts:
-        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
-        t0 = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-        )
-        dt = time.perf_counter() - t0
-        samples.append(Sample(float("nan"), dt, out.shape[1] - ids.shape[1]))
-    return summarize(samples, time.perf_counter() - t_all)
+    ids = [torch.tensor([tok(p, add_special_tokens=False)["input_ids"]]) for p in prompts]
+
+    def one_round() -> dict[str, float]:
+        samples = []
+        t_all = time.perf_counter()
+        for x in ids:
+            t0 = time.perf_counter()
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+            )
+            dt = time.perf_counter() - t0
+            samples.append(Sample(float("nan"), dt, out.shape[1] - x.shape[1]))
+        return summarize(samples, time.perf_counter() - t_all)
+
+    one_round()  # warm-up
+    return one_round
 
 
 def free_port() -> int:
@@ -229,18 +247,22 @@ def free_port() -> int:
 Runs = dict[str, dict[int, list[dict[str, float]]]]  # mode -> level -> one summary per round
 
 
-async def run_levels(callers: dict[str, Callable[[int], Awaitable[Sample]]], args) -> Runs:
-    """Every level ``--repeats`` times; within a round the modes run back to back (interleaved).
+async def run_levels(
+    callers: dict[str, Callable[[int], Awaitable[Sample]]], hf: Callable[[], dict], args
+) -> Runs:
+    """Every level ``--repeats`` times; within a round the modes run back to back (interleaved),
+    ``hf-seq`` first.
 
-    ``serve-js`` (non-streaming) runs at concurrency 1 only.
+    The one-token modes (``*-1t``) run at concurrency 1 only.
     """
     for one in callers.values():
         await run_level(one, 2, 1)  # warm-up (connection pool, proxy routes, kernels)
-    runs: Runs = {name: {} for name in callers}
+    runs: Runs = {"hf-seq": {}, **{name: {} for name in callers}}
     for c in args.levels:
         for _ in range(args.repeats):
+            runs["hf-seq"].setdefault(c, []).append(hf())
             for name, one in callers.items():
-                if name != "serve-js" or c == 1:
+                if not name.endswith("-1t") or c == 1:
                     n = max(args.requests, 2 * c)
                     runs[name].setdefault(c, []).append(await run_level(one, n, c))
     return runs
@@ -260,24 +282,29 @@ def direct_url() -> str | None:
     return None
 
 
-async def _engine_and_http(engine, url: str | None, prompts, args) -> Runs:
-    import httpx
+async def _engine_and_http(engine, hf, url: str | None, prompts, args) -> Runs:
+    import aiohttp
 
-    callers = {"engine": engine_caller(engine, prompts, args.max_tokens)}
-    limits = httpx.Limits(max_connections=2 * max(args.levels) + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    callers = {
+        "engine": engine_caller(engine, prompts, args.max_tokens),
+        "engine-1t": engine_caller(engine, prompts, 1),
+    }
+    conn = aiohttp.TCPConnector(limit=2 * max(args.levels) + 4)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         if url is not None:
-            callers["serve"] = http_caller(client, url, "bench", prompts, args.max_tokens)
-            callers["serve-js"] = json_caller(client, url, "bench", prompts, args.max_tokens)
+            callers["serve"] = http_caller(session, url, "bench", prompts, args.max_tokens)
+            callers["serve-1t"] = json_caller(session, url, "bench", prompts, 1)
             direct = direct_url()
             if direct is None:
                 print("no replica answers on its own port: the direct rows are left out")
             else:
-                callers["direct"] = http_caller(client, direct, "bench", prompts, args.max_tokens)
-        return await run_levels(callers, args)
+                callers["direct"] = http_caller(session, direct, "bench", prompts, args.max_tokens)
+                callers["direct-1t"] = json_caller(session, direct, "bench", prompts, 1)
+        return await run_levels(callers, hf, args)
 
 
-def measure(model_dir, prompts, args) -> Runs:
+def measure(model_dir, prompts, hf, args) -> Runs:
     """The engine in this process and (unless --skip-serve) the Serve endpoint, both alive."""
     import ray
     from ray import serve
@@ -302,9 +329,11 @@ def measure(model_dir, prompts, args) -> Runs:
                 engine=engine_cfg,
                 autoscaling={"min_replicas": 1, "max_replicas": 1},
                 direct_ingress=True,
+                stream_interval=args.stream_interval,
+                user_code_thread=args.user_code_thread,
             )
             url = start(cfg)
-        return asyncio.run(_engine_and_http(engine, url, prompts, args))
+        return asyncio.run(_engine_and_http(engine, hf, url, prompts, args))
     finally:
         engine.shutdown()
         if url is not None:
@@ -332,27 +361,31 @@ def _paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> s
     return f"{statistics.median(d):+.1f} ms ({min(d):+.1f}..{max(d):+.1f})"
 
 
-def print_ratios(hf: dict, runs: Runs, levels: list[int]) -> None:
+def print_ratios(runs: Runs, levels: list[int]) -> None:
     eng, srv = runs["engine"], runs.get("serve", {})
     if 1 in levels and srv:
-        e, s, js = eng[1], srv[1], runs["serve-js"][1]
+        e, s, e1, s1 = eng[1], srv[1], runs["engine-1t"][1], runs["serve-1t"][1]
         print(f"serve added latency at c=1, median over {len(e)} interleaved rounds (min..max):")
         print(f"  streamed TTFT p50 {_paired(e, s, 'ttft_p50')} (aim <= 5)")
         print(f"  streamed e2e p50 {_paired(e, s, 'e2e_p50')}")
-        print(f"  non-streamed e2e p50 {_paired(e, js, 'e2e_p50')} (aim <= 3)")
+        print(f"  one-token non-streamed e2e p50 {_paired(e1, s1, 'e2e_p50')} (aim <= 3)")
         if "direct" in runs:
-            d = runs["direct"][1]
+            d, d1 = runs["direct"][1], runs["direct-1t"][1]
             print(f"  direct ingress (replica port, no proxy): streamed TTFT p50 "
-                  f"{_paired(e, d, 'ttft_p50')}, e2e p50 {_paired(e, d, 'e2e_p50')}")  # fmt: skip
+                  f"{_paired(e, d, 'ttft_p50')}, streamed e2e p50 {_paired(e, d, 'e2e_p50')}, "
+                  f"one-token non-streamed e2e p50 {_paired(e1, d1, 'e2e_p50')}")  # fmt: skip
     for c in levels:
-        line = f"batching gain at c={c}: engine {medians(eng[c])['tok_s'] / hf['tok_s']:.1f}x"
-        if srv:
-            line += f", serve {medians(srv[c])['tok_s'] / hf['tok_s']:.1f}x"
-        if "direct" in runs:
-            line += f", direct {medians(runs['direct'][c])['tok_s'] / hf['tok_s']:.1f}x"
-        print(
-            line + " output tokens/s over sequential generate" + (" (aim >= 6x)" if c == 16 else "")
-        )
+        gains = [f"{mode} {_ratio(runs[mode][c], runs['hf-seq'][c])}"
+                 for mode in ("engine", "serve", "direct") if c in runs.get(mode, {})]  # fmt: skip
+        aim = " (aim >= 6x)" if c == 16 else ""
+        print(f"batching gain at c={c} (output tokens/s over sequential generate, median of "
+              f"per-round ratios, min..max): {', '.join(gains)}{aim}")  # fmt: skip
+
+
+def _ratio(a: list[dict[str, float]], b: list[dict[str, float]]) -> str:
+    """a / b tokens/s per round: median (min..max)."""
+    r = [x["tok_s"] / y["tok_s"] for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(r):.1f}x ({min(r):.1f}..{max(r):.1f})"
 
 
 def main() -> None:
@@ -368,6 +401,17 @@ def main() -> None:
     # barriers spin while a thread is descheduled): on a 2-core box keep 1.
     ap.add_argument("--threads", type=int, default=1, help="torch threads on every side")
     ap.add_argument("--hf-requests", type=int, default=4, help="sequential generate() calls")
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="serve.stream_interval: tokens per streamed frame after the first",
+    )
+    ap.add_argument(
+        "--user-code-thread",
+        action="store_true",
+        help="serve.user_code_thread: the app on its own loop thread (Serve's default)",
+    )
     ap.add_argument("--skip-serve", action="store_true", help="engine and generate only")
     args = ap.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -379,20 +423,22 @@ def main() -> None:
     prompts = make_prompts(64)
     hf = hf_sequential(model_dir, prompts[: args.hf_requests], args.max_tokens)
     load0 = os.getloadavg()[0]
-    runs = measure(model_dir, prompts, args)
+    runs = measure(model_dir, prompts, hf, args)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, "
         f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(
         f"model: {model_dir}, {args.max_tokens} output tokens per request, greedy, "
-        f"medians of {args.repeats} rounds"
+        f"medians of {args.repeats} rounds, serve.stream_interval {args.stream_interval}, "
+        f"serve.user_code_thread {args.user_code_thread}"
     )
-    rows = [("hf-seq", 1, hf)]
+    rows = [("hf-seq", 1, medians([r for rounds in runs["hf-seq"].values() for r in rounds]))]
     for mode, levels in runs.items():
-        rows += [(mode, c, medians(rounds)) for c, rounds in levels.items()]
+        if mode != "hf-seq":
+            rows += [(mode, c, medians(rounds)) for c, rounds in levels.items()]
     print_table(rows)
-    print_ratios(hf, runs, args.levels)
+    print_ratios(runs, args.levels)
 
 
 if __name__ == "__main__":

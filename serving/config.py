@@ -113,6 +113,13 @@ class ServeConfig(_Section):
         "RAY_SERVE_ENABLE_DIRECT_INGRESS, set on the replicas only. Needs a proxy_location "
         "other than Disabled.",
     )
+    user_code_thread: bool = Field(
+        False,
+        description="Run the app on a second event loop in its own thread, as Serve does by "
+        "default (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD). raylm's app never blocks its loop "
+        "(generation runs on the engine's thread, model loads in a worker thread), so by default "
+        "it shares the replica's main loop and every streamed frame skips a cross-thread hop.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
     max_ongoing_requests: int | None = Field(
@@ -143,6 +150,14 @@ class ServeConfig(_Section):
         None, description="File with one API key per line (# comments allowed)."
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies: 413.")
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Streaming: tokens per frame after a choice's first (which, like the last, is "
+        "never held back; no timer). Each frame pays Serve's per-hop cost, so 2-8 raises "
+        "throughput under high concurrency at the price of burstier streams.",
+    )
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")
     graceful_shutdown_timeout_s: float = Field(

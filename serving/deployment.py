@@ -183,7 +183,9 @@ class OpenAIDeployment:
 
     def __serve_build_asgi_app__(self) -> Any:
         keys = load_api_keys(self.cfg.api_keys_env, self.cfg.api_keys_file)
-        settings = ApiSettings(keys, self.cfg.max_body_bytes, self.cfg.retry_after_s)
+        settings = ApiSettings(
+            keys, self.cfg.max_body_bytes, self.cfg.retry_after_s, self.cfg.stream_interval
+        )
         return build_openai_app(self.models, settings)
 
     async def engine_stats(self) -> dict[str, dict[str, float]]:
@@ -234,6 +236,7 @@ def build_application(cfg: ServeConfig) -> Any:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.direct_ingress:  # read by the replica alone: the proxy keeps serving cfg.port
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1" if cfg.user_code_thread else "0"
     deployment = OpenAIDeployment.options(
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.resolved_max_ongoing(),

@@ -87,6 +87,8 @@ class ApiSettings:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
+    # Tokens per streamed frame after a choice's first visible one (``serve.stream_interval``).
+    stream_interval: int = 1
 
 
 def load_api_keys(env_var: str | None, file: str | None) -> tuple[str, ...]:
@@ -304,14 +306,62 @@ async def _drain_all(request: Request, streams: list[GenerationStream]) -> list[
             s.cancel()
 
 
-async def _merge(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """(choice index, event) in arrival order across streams; the first error is raised."""
+class _Frames:
+    """Groups a choice's events into frames of at least ``interval`` tokens, without a timer.
+
+    A choice's first visible event (text or logprobs) and its last one are never held back, so time
+    to first token and end-to-end latency do not change; only the tokens in between travel in fewer,
+    larger frames, which is what each frame's per-hop cost (proxy, ASGI, client parse) is paid on.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._held: dict[int, list[TokenEvent]] = {}
+        self._shown: set[int] = set()  # choices whose first visible frame went out
+
+    def add(self, i: int, events: list[TokenEvent]) -> TokenEvent | None:
+        held = self._held.setdefault(i, [])
+        held += events
+        visible = any(ev.text or ev.logprobs for ev in held)
+        if (
+            held[-1].finish_reason is None
+            and (i in self._shown or not visible)
+            and sum(len(ev.token_ids) for ev in held) < self.interval
+        ):
+            return None
+        if visible:
+            self._shown.add(i)
+        del self._held[i]
+        return merge_events(held)
+
+    def rest(self) -> list[tuple[int, TokenEvent]]:
+        """What is still held (a stream that failed mid-frame), oldest choice first."""
+        out = [(i, merge_events(evs)) for i, evs in sorted(self._held.items()) if evs]
+        self._held.clear()
+        return out
+
+
+async def _merge(
+    streams: list[GenerationStream], interval: int = 1
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) in arrival order across streams; the first error is raised.
+
+    Events already queued are coalesced into one frame (no timer: a consumer slower than the engine
+    sends fewer, larger frames), and ``interval`` > 1 holds a choice's middle tokens until that many
+    are ready (:class:`_Frames`). Tokens held when a stream fails are sent before the error.
+    """
+    frames = _Frames(interval)
     if len(streams) == 1:
-        # Coalesce what is already queued into one frame: no timer, so the first token is never
-        # delayed, but a consumer slower than the engine sends fewer, larger frames.
         ready = getattr(streams[0], "ready", None)
-        async for ev in streams[0]:
-            yield 0, merge_events([ev, *ready()]) if ready is not None else ev
+        try:
+            async for ev in streams[0]:
+                out = frames.add(0, [ev, *ready()] if ready is not None else [ev])
+                if out is not None:
+                    yield 0, out
+        except Exception:
+            for item in frames.rest():
+                yield item
+            raise
         return
     q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -331,9 +381,13 @@ async def _merge(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, To
             if item is None:
                 remaining -= 1
             elif isinstance(item, BaseException):
+                for held in frames.rest():
+                    yield held
                 raise item
             else:
-                yield i, item
+                out = frames.add(i, [item])
+                if out is not None:
+                    yield i, out
     finally:
         for t in tasks:
             t.cancel()
@@ -344,6 +398,7 @@ async def _sse_events(
     preamble: list[dict],
     chunk: Callable[[int, TokenEvent], dict | None],
     usage_chunk: Callable[[int], dict] | None,
+    interval: int = 1,
 ) -> AsyncIterator[str]:
     """SSE frames: preamble, one chunk per event, optional usage chunk, ``[DONE]``.
 
@@ -354,7 +409,7 @@ async def _sse_events(
     try:
         for p in preamble:
             yield sse(p)
-        async for i, ev in _merge(streams):
+        async for i, ev in _merge(streams, interval):
             if ev.usage is not None:
                 completion_tokens += ev.usage.completion_tokens
             frame = chunk(i, ev)
@@ -405,7 +460,8 @@ async def _completions(
             return envelope("text_completion", rid, req.model, [c], None, _wants_usage(req))
 
         usage_chunk = _usage_chunk("text_completion", rid, req, prompt_tokens)
-        return _streaming_response(_sse_events(streams, [], chunk, usage_chunk))
+        frames = _sse_events(streams, [], chunk, usage_chunk, settings.stream_interval)
+        return _streaming_response(frames)
     results = await _drain_all(request, streams)
     choices, completion_tokens = [], 0
     for i, events in enumerate(results):
@@ -475,7 +531,8 @@ async def _chat(
             for i in range(len(streams))
         ]
         usage_chunk = _usage_chunk(kind, rid, req, len(ids))
-        return _streaming_response(_sse_events(streams, preamble, chunk, usage_chunk))
+        frames = _sse_events(streams, preamble, chunk, usage_chunk, settings.stream_interval)
+        return _streaming_response(frames)
     results = await _drain_all(request, streams)
     choices, completion_tokens = [], 0
     for i, events in enumerate(results):

@@ -161,3 +161,15 @@ def test_evicted_engines_are_forgotten_and_stopped_off_the_event_loop():
     while not engines["a"].stopped and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engines["a"].stopped and models.is_ready()
+
+
+def test_app_shares_the_replicas_main_loop_unless_asked(tiny_model_dir):
+    from serving.config import ServeConfig
+    from serving.deployment import build_application
+
+    models = [{"name": "m", "path": str(tiny_model_dir)}]
+    for on, value in ((None, "0"), (False, "0"), (True, "1")):
+        extra = {} if on is None else {"user_code_thread": on}
+        replica = build_application(ServeConfig(models=models, **extra))
+        env = replica._bound_deployment._replica_config.ray_actor_options["runtime_env"]["env_vars"]
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == value

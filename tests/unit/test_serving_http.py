@@ -587,3 +587,49 @@ def test_streamed_n_choices_interleave_and_each_equals_its_non_streamed_twin(cli
             finishes[choice["index"]] = choice["finish_reason"]
     assert [texts[i] for i in range(3)] == [ch["text"] for ch in full["choices"]]
     assert finishes == {i: ch["finish_reason"] for i, ch in enumerate(full["choices"])}
+
+
+def _tokens_per_frame(chunks):
+    """Per choice: tokens in each frame, counted by the frame's logprobs (one per token)."""
+    out: dict[int, list[int]] = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            out.setdefault(ch["index"], []).append(len(ch["logprobs"]["tokens"]))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_stream_interval_groups_middle_tokens_only(engine, client, n):
+    """Frames carry >= interval tokens, except a choice's first (sent at once) and last."""
+    app = build_openai_app(StaticModels({MODEL: engine}), ApiSettings(stream_interval=4))
+    req = {"model": MODEL, "prompt": "Ben was a", "max_tokens": 11, "temperature": 0}
+    req.update(logprobs=0, ignore_eos=True, n=n)
+    full = client.post(COMP, json=req).json()  # the default interval: every token at once
+    with TestClient(app, raise_server_exceptions=False) as grouped:
+        chunks = _sse(grouped.post(COMP, json={**req, "stream": True}))
+    frames = _tokens_per_frame(chunks)
+    assert sorted(frames) == list(range(n))
+    for i, sizes in frames.items():
+        assert sum(sizes) == 11 and sizes[0] == 1, sizes
+        assert all(s >= 4 for s in sizes[1:-1]) and len(sizes) <= 1 + -(-10 // 4), sizes
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
+        assert text == full["choices"][i]["text"]
+    assert all(c["choices"][0]["finish_reason"] == "length" for c in chunks[-n:])
+
+
+def test_stream_interval_sends_held_tokens_before_an_error(engine):
+    """Tokens held for a frame when the stream fails still reach the client, then the error."""
+    events = [TokenEvent((5,), "a"), TokenEvent((6,), "b"), TokenEvent((7,), "c")]
+
+    class Backend(_FakeBackend):
+        def submit(self, prompt_ids, params):
+            s = _FakeStream(events, EngineError("device lost"))
+            self.streams.append(s)
+            return s
+
+    backend = Backend(engine.tokenizer, "fails")
+    app = build_openai_app(StaticModels({MODEL: backend}), ApiSettings(stream_interval=8))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        chunks = _sse(c.post(COMP, json={"model": MODEL, "prompt": "x", "stream": True}))
+    assert [ch["choices"][0]["text"] for ch in chunks[:-1]] == ["a", "bc"]
+    assert "device lost" in chunks[-1]["error"]["message"]
