@@ -547,7 +547,7 @@ def _deploy(c: LoopbackCluster, client, cfg: Path, url: str) -> str:
 
 
 def _undeploy(c: LoopbackCluster, client, job: str | None) -> None:
-    """Stop the job, then Serve itself (a stopped job leaves Serve running, as documented)."""
+    """Stop the job (which shuts Serve down), then make sure through Serve's REST API."""
     if job is not None:
         with contextlib.suppress(Exception):
             client.stop_job(job)
@@ -638,10 +638,30 @@ def test_serve_across_nodes_survives_losing_the_worker_node(cluster, workdir, ti
                  for _ in range(8)]  # fmt: skip
         assert codes == [200] * 8
         assert client.get_job_status(job) == "RUNNING"  # `raylm serve` on the head lived on
-        print(f"\nserve across nodes: deployed in {deployed_s:.0f} s; {len(records)} requests, "
-              f"{in_flight} in flight at the kill, {failed} failed; Serve saw the loss after "
-              f"{noticed_s:.1f} s; node back in {joined_s:.0f} s, its replica RUNNING "
-              f"{restored_s:.0f} s later")  # fmt: skip
+
+        # `ray job stop` takes the endpoint down with the job: `ray.init` made SIGTERM a SystemExit
+        # in the driver, so `raylm serve` shuts Serve down before Ray's SIGKILL 3 s later.
+        client.stop_job(job)
+        job = None
+
+        seen: list[str] = []
+
+        def deleted() -> bool:  # no proxy (or no route) any more: no model served
+            try:
+                seen.append(str(httpx.get(url + "/models", timeout=10).status_code))
+            except httpx.HTTPError as exc:
+                seen.append(repr(exc))
+            return seen[-1] != "200"
+
+        deleted_s = _until(deleted, 60, "the endpoint gone after ray job stop",
+                           lambda: f"{_serve_state(cluster)}; /v1/models: {seen[-3:]}")  # fmt: skip
+        print(
+            f"\nserve across nodes: deployed in {deployed_s:.0f} s; {len(records)} requests, "
+            f"{in_flight} in flight at the kill, {failed} failed; Serve saw the loss after "
+            f"{noticed_s:.1f} s; node back in {joined_s:.0f} s, its replica RUNNING "
+            f"{restored_s:.0f} s later; endpoint gone {deleted_s:.0f} s after ray job stop "
+            f"(/v1/models: {seen[-1]})"
+        )
     finally:
         _undeploy(cluster, client, job)
         if not any(n.startswith("worker") for n in cluster.procs):
