@@ -334,11 +334,10 @@ class _Frames:
         del self._held[i]
         return merge_events(held)
 
-    def rest(self) -> list[tuple[int, TokenEvent]]:
-        """What is still held (a stream that failed mid-frame), oldest choice first."""
-        out = [(i, merge_events(evs)) for i, evs in sorted(self._held.items()) if evs]
-        self._held.clear()
-        return out
+    def rest(self, only: int | None = None) -> list[tuple[int, TokenEvent]]:
+        """What is still held (a stream that failed or ended mid-frame), by choice index."""
+        held = sorted(i for i in self._held if only is None or i == only)
+        return [(i, merge_events(self._held.pop(i))) for i in held]
 
 
 async def _merge(
@@ -362,6 +361,8 @@ async def _merge(
             for item in frames.rest():
                 yield item
             raise
+        for item in frames.rest():  # a stream that ended without a finish reason
+            yield item
         return
     q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -380,6 +381,8 @@ async def _merge(
             i, item = await q.get()
             if item is None:
                 remaining -= 1
+                for held in frames.rest(i):
+                    yield held
             elif isinstance(item, BaseException):
                 for held in frames.rest():
                     yield held

@@ -617,13 +617,15 @@ def test_stream_interval_groups_middle_tokens_only(engine, client, n):
     assert all(c["choices"][0]["finish_reason"] == "length" for c in chunks[-n:])
 
 
-def test_stream_interval_sends_held_tokens_before_an_error(engine):
-    """Tokens held for a frame when the stream fails still reach the client, then the error."""
+@pytest.mark.parametrize("error", [EngineError("device lost"), None])
+def test_stream_interval_sends_held_tokens_when_a_stream_fails_or_ends(engine, error):
+    """Tokens held for a frame still reach the client when the stream fails (then the error) or
+    ends without a finish reason."""
     events = [TokenEvent((5,), "a"), TokenEvent((6,), "b"), TokenEvent((7,), "c")]
 
     class Backend(_FakeBackend):
         def submit(self, prompt_ids, params):
-            s = _FakeStream(events, EngineError("device lost"))
+            s = _FakeStream(events, error)
             self.streams.append(s)
             return s
 
@@ -631,5 +633,9 @@ def test_stream_interval_sends_held_tokens_before_an_error(engine):
     app = build_openai_app(StaticModels({MODEL: backend}), ApiSettings(stream_interval=8))
     with TestClient(app, raise_server_exceptions=False) as c:
         chunks = _sse(c.post(COMP, json={"model": MODEL, "prompt": "x", "stream": True}))
-    assert [ch["choices"][0]["text"] for ch in chunks[:-1]] == ["a", "bc"]
-    assert "device lost" in chunks[-1]["error"]["message"]
+    texts = [ch["choices"][0]["text"] for ch in chunks if ch.get("choices")]
+    assert texts == ["a", "bc"]
+    if error is not None:
+        assert "device lost" in chunks[-1]["error"]["message"]
+    else:
+        assert "error" not in chunks[-1]
