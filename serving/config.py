@@ -116,9 +116,10 @@ class ServeConfig(_Section):
     user_code_thread: bool = Field(
         False,
         description="Run the app on a second event loop in its own thread, as Serve does by "
-        "default (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD). raylm's app never blocks its loop "
-        "(generation runs on the engine's thread, model loads in a worker thread), so by default "
-        "it shares the replica's main loop and every streamed frame skips a cross-thread hop.",
+        "default (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD). raylm's app holds its loop only "
+        "briefly (generation runs on the engine's thread, model loads in a worker thread; request "
+        "parsing and tokenizing stay on the loop), so by default it shares the replica's main "
+        "loop and every streamed frame skips a cross-thread hop.",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)

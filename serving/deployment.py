@@ -184,7 +184,10 @@ class OpenAIDeployment:
     def __serve_build_asgi_app__(self) -> Any:
         keys = load_api_keys(self.cfg.api_keys_env, self.cfg.api_keys_file)
         settings = ApiSettings(
-            keys, self.cfg.max_body_bytes, self.cfg.retry_after_s, self.cfg.stream_interval
+            api_keys=keys,
+            max_body_bytes=self.cfg.max_body_bytes,
+            retry_after_s=self.cfg.retry_after_s,
+            stream_interval=self.cfg.stream_interval,
         )
         return build_openai_app(self.models, settings)
 
