@@ -457,8 +457,10 @@ async def _completions(
                 return None
             lp = None
             if req.logprobs is not None:
+                # Offsets advance by token strings, as in the non-streamed answer, so they do not
+                # depend on how tokens were grouped into frames.
                 lp = completion_logprobs(tok, list(ev.logprobs), offsets[i])
-            offsets[i] += len(ev.text)
+                offsets[i] += sum(len(t) for t in lp["tokens"])
             c = {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
             return envelope("text_completion", rid, req.model, [c], None, _wants_usage(req))
 

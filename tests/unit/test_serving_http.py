@@ -121,6 +121,8 @@ def test_streamed_chat_starts_with_role_and_matches(client):
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 9,
         "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
     }
     full = client.post("/v1/chat/completions", json=req).json()
     chunks = _sse(client.post("/v1/chat/completions", json={**req, "stream": True}))
@@ -128,6 +130,8 @@ def test_streamed_chat_starts_with_role_and_matches(client):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == full["choices"][0]["message"]["content"]
+    streamed = [x for c in chunks[1:] for x in (c["choices"][0]["logprobs"] or {}).get("content", [])]
+    assert streamed == full["choices"][0]["logprobs"]["content"] and len(streamed) >= 1
     assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
     assert "usage" not in full or full["usage"]["completion_tokens"] >= 1
 
@@ -610,10 +614,14 @@ def test_stream_interval_groups_middle_tokens_only(engine, client, n):
     frames = _tokens_per_frame(chunks)
     assert sorted(frames) == list(range(n))
     for i, sizes in frames.items():
-        assert sum(sizes) == 11 and sizes[0] == 1, sizes
+        # n: 1 also merges events already queued, so under load its first frame may carry more.
+        assert sum(sizes) == 11 and (sizes[0] == 1 or n == 1), sizes
         assert all(s >= 4 for s in sizes[1:-1]) and len(sizes) <= 1 + -(-10 // 4), sizes
-        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
-        assert text == full["choices"][i]["text"]
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(ch["text"] for ch in mine) == full["choices"][i]["text"]
+        whole = full["choices"][i]["logprobs"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for ch in mine for x in ch["logprobs"][key]] == whole[key], key
     assert all(c["choices"][0]["finish_reason"] == "length" for c in chunks[-n:])
 
 
