@@ -130,7 +130,9 @@ def test_streamed_chat_starts_with_role_and_matches(client):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == full["choices"][0]["message"]["content"]
-    streamed = [x for c in chunks[1:] for x in (c["choices"][0]["logprobs"] or {}).get("content", [])]
+    streamed = [
+        x for c in chunks[1:] for x in (c["choices"][0]["logprobs"] or {}).get("content", [])
+    ]
     assert streamed == full["choices"][0]["logprobs"]["content"] and len(streamed) >= 1
     assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
     assert "usage" not in full or full["usage"]["completion_tokens"] >= 1
