@@ -181,10 +181,14 @@ def http_caller(session, url: str, model: str, prompts: list[str], max_tokens: i
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # a failure after the 200: the run's numbers would lie
+                    raise RuntimeError(f"request {i}: error event {chunk['error']}")
                 if chunk.get("choices"):
                     first = first or time.perf_counter()
                 if chunk.get("usage"):
                     n = chunk["usage"]["completion_tokens"]
+        if first is None:
+            raise RuntimeError(f"request {i}: the stream ended without a token")
         return Sample(first - t0, time.perf_counter() - t0, n)
 
     return one
