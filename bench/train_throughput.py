@@ -5,7 +5,9 @@ AdamW settings and thread count per process (``torch.set_num_threads`` on both s
 OMP_NUM_THREADS=1 in workers and the launcher sets torch's threads to ``cpus_per_worker``):
 
 - 1 worker: ``training.launcher.train`` with ZeRO-0 and with ZeRO-2 vs a single-process loop;
-- 2 workers: ``train`` with ZeRO-0 vs ``torchrun --nproc_per_node 2`` DDP (gloo), same global batch.
+- 2 workers: ``train`` with ZeRO-0 vs ``torchrun --nproc_per_node 2`` DDP (gloo), same global batch;
+  between them raylm's own per-worker loop under torchrun without Ray
+  (``bench/train_loop_torchrun.py``), which splits the gap into the loop's share and Ray's.
 
 Throughput is steady state: the first ``--log-every`` steps are left out on both sides (raylm:
 the first metrics row; its tokens_per_s is measured between rows). Start-up (Ray Train worker
@@ -15,6 +17,7 @@ baseline; process launch, imports and model build for torchrun) is reported sepa
 ratios are medians over repeats. Never part of the test suite.
 
     python bench/train_throughput.py --repeat 3
+    python bench/train_throughput.py --hidden 128 --repeat 5 --only "2 proc,2w"   # 2 workers only
     python bench/train_throughput.py --hidden 128 --layers 2 --steps 15 --repeat 2   # short
 """
 
@@ -45,10 +48,13 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rows", type=int, default=16, help="rows per optimizer step (global)")
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=25)
+    # 30 steady steps: with 10, single runs swung +-10% and the ratios with them.
+    p.add_argument("--steps", type=int, default=35)
     p.add_argument("--log-every", type=int, default=5, help="also the steps left out as warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated words: run the variants whose name "
+                   "contains one (e.g. '2 proc,2w')")  # fmt: skip
     return p.parse_args()
 
 
@@ -68,9 +74,7 @@ def _dataset(a: argparse.Namespace) -> Path:
     return out
 
 
-def _raylm_cfg(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int):
-    from cluster.config import load_config
-
+def _raylm_sets(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int) -> list[str]:
     sets = [f"name={name}", f"train.datasets=[{ds}]", f"train.storage_path={OUT / 'runs'}",
             f"train.global_batch_tokens={a.rows * a.seq_len}",
             f"train.micro_batch_size={a.micro_batch}", f"train.max_steps={a.steps}",
@@ -78,8 +82,23 @@ def _raylm_cfg(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: i
             "train.eval_batches=1", "train.warmup_steps=0", "train.lr=0.001",
             f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={a.threads}",
             f"deepspeed.zero_stage={zero}", "train.progress=false"]  # fmt: skip
-    sets += [f"model.{k}={v}" for k, v in _model(a).items()]
-    return load_config(None, sets)
+    return sets + [f"model.{k}={v}" for k, v in _model(a).items()]
+
+
+def _raylm_cfg(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int):
+    from cluster.config import load_config
+
+    return load_config(None, _raylm_sets(a, ds, name, workers, zero))
+
+
+def _from_metrics(a: argparse.Namespace, run: Path, wall: float) -> dict:
+    """Steady tokens/s from a run dir's metrics.jsonl (the first row is warm-up); start-up is the
+    wall time outside the logged steps."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tokens = a.rows * a.seq_len * a.log_every
+    seconds = [tokens / r["tokens_per_s"] for r in rows]  # per row: log_every steps
+    steady = tokens * (len(rows) - 1) / sum(seconds[1:])
+    return {"tokens_per_s": steady, "startup_s": wall - sum(seconds)}
 
 
 def run_raylm(a: argparse.Namespace, ds: Path, workers: int, zero: int, tag: str) -> dict:
@@ -89,13 +108,31 @@ def run_raylm(a: argparse.Namespace, ds: Path, workers: int, zero: int, tag: str
     shutil.rmtree(run_dir(cfg), ignore_errors=True)
     t0 = time.perf_counter()
     train(cfg)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
-    tokens = a.rows * a.seq_len * a.log_every
-    seconds = [tokens / r["tokens_per_s"] for r in rows]  # per row: log_every steps
-    steady = tokens * (len(rows) - 1) / sum(seconds[1:])
+    out = _from_metrics(a, run_dir(cfg), time.perf_counter() - t0)
     shutil.rmtree(run_dir(cfg), ignore_errors=True)
-    return {"tokens_per_s": steady, "startup_s": wall - sum(seconds)}
+    return out
+
+
+def _torchrun(workers: int, script: str, spec: dict, threads: int) -> str:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", str(workers), "--master_port", "29533",
+           str(ROOT / "bench" / script), json.dumps(spec)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]
+
+
+def run_loop_torchrun(a: argparse.Namespace, ds: Path, workers: int, tag: str) -> dict:
+    """raylm's per-worker loop (DeepSpeed ZeRO-0) under torchrun: raylm train without Ray."""
+    name = f"{tag}-loop-w{workers}"
+    spec = {"sets": _raylm_sets(a, ds, name, workers, 0), "threads": a.threads}
+    run = OUT / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    _torchrun(workers, "train_loop_torchrun.py", spec, a.threads)
+    out = _from_metrics(a, run, time.perf_counter() - t0)
+    shutil.rmtree(run, ignore_errors=True)
+    return out
 
 
 def run_baseline(a: argparse.Namespace, ds: Path, workers: int) -> dict:
@@ -109,13 +146,8 @@ def run_baseline(a: argparse.Namespace, ds: Path, workers: int) -> dict:
         from bench.train_baseline import run
 
         return run(spec)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", str(workers), "--master_port", "29533",
-           str(ROOT / "bench" / "train_baseline.py"), json.dumps(spec)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    result = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+    result = json.loads(_torchrun(workers, "train_baseline.py", spec, a.threads))
     # Start-up as for raylm: everything but the steps, process launch and imports included.
     return {**result, "startup_s": time.perf_counter() - t0 - result["steps_s"]}
 
@@ -125,8 +157,14 @@ VARIANTS = [  # (name, what it is compared with)
     ("raylm 1w ZeRO-0", "bare 1 proc"),
     ("raylm 1w ZeRO-2", "bare 1 proc"),
     ("torchrun DDP 2 proc", None),
+    ("loop torchrun 2 proc", "torchrun DDP 2 proc"),
     ("raylm 2w ZeRO-0", "torchrun DDP 2 proc"),
 ]
+
+
+def _selected(a: argparse.Namespace) -> list[tuple[str, str | None]]:
+    words = [w.strip() for w in a.only.split(",") if w.strip()]
+    return [v for v in VARIANTS if not words or any(w in v[0] for w in words)]
 
 
 def _one_repeat(a: argparse.Namespace, ds: Path, r: int) -> dict[str, dict]:
@@ -135,10 +173,11 @@ def _one_repeat(a: argparse.Namespace, ds: Path, r: int) -> dict[str, dict]:
         "raylm 1w ZeRO-0": lambda: run_raylm(a, ds, 1, 0, f"r{r}"),
         "raylm 1w ZeRO-2": lambda: run_raylm(a, ds, 1, 2, f"r{r}"),
         "torchrun DDP 2 proc": lambda: run_baseline(a, ds, 2),
+        "loop torchrun 2 proc": lambda: run_loop_torchrun(a, ds, 2, f"r{r}"),
         "raylm 2w ZeRO-0": lambda: run_raylm(a, ds, 2, 0, f"r{r}"),
     }
     out = {}
-    for name, _ in VARIANTS:
+    for name, _ in _selected(a):
         out[name] = runs[name]()
         print(f"repeat {r}: {name:22s} {out[name]['tokens_per_s']:10.0f} tok/s  "
               f"start-up {out[name]['startup_s']:5.1f} s", flush=True)  # fmt: skip
@@ -152,6 +191,8 @@ def main() -> None:
 
     ds = _dataset(a)
     t0 = time.perf_counter()
+    # Ray starts its workers at nice 15; the baselines run at 0. Equal footing for the comparison.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=max(4, 2 * a.threads * 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
     print(f"ray.init {time.perf_counter() - t0:.1f} s; load avg {os.getloadavg()[0]:.1f}")
@@ -160,7 +201,8 @@ def main() -> None:
           f"{a.threads} thread(s)/process, {a.steps} steps ({a.log_every} warm-up), "
           f"{a.repeat} repeats; load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'variant':22s} {'median tok/s':>12s} {'ratio (median)':>15s} {'start-up':>9s}")
-    for name, ref in VARIANTS:
+    for name, ref in _selected(a):
+        ref = ref if ref in results[0] else None
         tps = statistics.median(r[name]["tokens_per_s"] for r in results)
         ratio = "" if ref is None else (
             f"{statistics.median(r[name]['tokens_per_s'] / r[ref]['tokens_per_s'] for r in results):.3f}x"
