@@ -150,7 +150,7 @@ class _ReplicaModels:
         return loaded.engine
 
     def is_ready(self) -> bool:
-        return self.ready and all(e.is_ready() for e in self.loaded.values() if not e.closing)
+        return self.ready and all(e.is_ready() for e in list(self.loaded.values()) if not e.closing)
 
 
 @serve.deployment(name="OpenAIDeployment")
@@ -198,11 +198,13 @@ class OpenAIDeployment:
         ``serve.get_deployment_handle("OpenAIDeployment", app).engine_stats.remote().result()``
         (one replica's view; the same numbers go to Ray's metrics).
         """
-        return {name: e.stats() for name, e in self.models.loaded.items()}
+        return {name: e.stats() for name, e in list(self.models.loaded.items())}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died."""
-        dead = [n for n, e in self.models.loaded.items() if not e.closing and not e.is_ready()]
+        dead = [
+            n for n, e in list(self.models.loaded.items()) if not e.closing and not e.is_ready()
+        ]
         if dead:
             raise RuntimeError(f"engine not running for {dead}")
 
@@ -337,16 +339,33 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}{prefix}/v1"
 
 
-def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
-    """``raylm serve``: deploy, print the URL, block until Ctrl-C, then shut Serve down."""
-    url = start(cfg)
-    names = ", ".join(m.name for m in cfg.models)
-    print(f"raylm serve: {names} at {url} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
-    if cfg.direct_ingress:
-        print(f"raylm serve: replicas also answer on {cfg.host}, ports from 30000 "
-              "(serve.direct_ingress)", flush=True)  # fmt: skip
+def stop(cfg: ServeConfig) -> None:
+    """Remove this endpoint's app; shut Serve down with it when no other app runs on Serve."""
     try:
+        apps = set(serve.status().applications)
+    except Exception:  # Serve never came up (or is already gone): nothing of ours to remove
+        return
+    # One call either way: `ray job stop` SIGKILLs the command 3 s after its SIGTERM.
+    if apps <= {cfg.app_name}:
+        serve.shutdown()
+    elif cfg.app_name in apps:
+        serve.delete(cfg.app_name)
+
+
+def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
+    """``raylm serve``: deploy, print the URL, block until Ctrl-C or SIGTERM, then remove the app.
+
+    A deploy that fails or is interrupted half-way is removed too, so no replica outlives the
+    command; other apps on the same Serve instance are left running.
+    """
+    try:
+        url = start(cfg)
+        names = ", ".join(m.name for m in cfg.models)
+        print(f"raylm serve: {names} at {url} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+        if cfg.direct_ingress:
+            print(f"raylm serve: replicas also answer on {cfg.host}, ports from 30000 "
+                  "(serve.direct_ingress)", flush=True)  # fmt: skip
         while True:
             time.sleep(poll_s)
     finally:
-        serve.shutdown()
+        stop(cfg)

@@ -428,11 +428,12 @@ def test_request_metrics_reach_rays_prometheus_export(served, ray_local):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 @pytest.mark.timeout(240)
 def test_vllm_backend_without_vllm_fails_the_deploy_naming_the_setting(served, tiny_model_dir):
-    """The replica's error reaches the caller of `start` (and `raylm serve`), not only Serve's logs."""
+    """The replica's error reaches `raylm serve` (not only Serve's logs), which removes its failed
+    app and leaves the other apps and Serve itself running."""
     from ray import serve
 
     from serving.config import ServeConfig
-    from serving.deployment import start
+    from serving.deployment import serve_forever
 
     url, _ = served
     port = int(httpx.URL(url).port)  # the running proxy: a second app joins it
@@ -446,7 +447,8 @@ def test_vllm_backend_without_vllm_fails_the_deploy_naming_the_setting(served, t
     )
     try:
         with pytest.raises(RuntimeError, match=r"serve\.engine\.backend=vllm needs the `vllm`"):
-            start(cfg)
+            serve_forever(cfg)
+        assert "raylm-vllm" not in serve.status().applications
     finally:
         serve.delete("raylm-vllm")
     assert _client(url).models.list().data  # the first app is untouched
