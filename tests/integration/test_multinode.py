@@ -646,15 +646,21 @@ def test_serve_across_nodes_survives_losing_the_worker_node(cluster, workdir, ti
 
         seen: list[str] = []
 
-        def deleted() -> bool:  # no proxy (or no route) any more: no model served
+        def deleted() -> bool:  # no proxy (refused) or no route (404): not a timeout or a 5xx
             try:
                 seen.append(str(httpx.get(url + "/models", timeout=10).status_code))
+            except httpx.ConnectError as exc:
+                seen.append(repr(exc))
+                return True
             except httpx.HTTPError as exc:
                 seen.append(repr(exc))
-            return seen[-1] != "200"
+            return seen[-1] == "404"
 
         deleted_s = _until(deleted, 60, "the endpoint gone after ray job stop",
                            lambda: f"{_serve_state(cluster)}; /v1/models: {seen[-3:]}")  # fmt: skip
+        # The only app on Serve: `raylm serve` shut Serve down with it, leaving no app behind.
+        _until(lambda: not cluster.api("/api/serve/applications/").get("applications"), 30,
+               "no Serve app left after ray job stop", lambda: _serve_state(cluster))  # fmt: skip
         print(
             f"\nserve across nodes: deployed in {deployed_s:.0f} s; {len(records)} requests, "
             f"{in_flight} in flight at the kill, {failed} failed; Serve saw the loss after "
