@@ -4,7 +4,8 @@
 - ``build_app(args)``: the app builder for Serve config YAMLs / ``serve run`` / KubeRay
   ``serveConfigV2`` (``import_path: serving.deployment:build_app``), taking a raylm YAML path and/or
   an inline ``serve`` section.
-- ``serve_forever(cfg)``: deploy, print the URL, block until Ctrl-C, shut Serve down.
+- ``serve_forever(cfg)``: deploy, print the URL, block until Ctrl-C or SIGTERM, then remove the
+  app (and Serve with it when no other app runs on it).
 
 Several models behind one endpoint are routed by the request's ``model`` field; each replica keeps an
 LRU of loaded engines through ``serve.multiplexed`` (clients may also send the
@@ -339,17 +340,23 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}{prefix}/v1"
 
 
-def stop(cfg: ServeConfig) -> None:
-    """Remove this endpoint's app; shut Serve down with it when no other app runs on Serve."""
+def _stop(cfg: ServeConfig) -> None:
+    """Remove this endpoint's app; shut Serve down with it when no other app runs on Serve.
+
+    Runs in ``finally``: it logs instead of raising, so a deploy error is never replaced by a
+    cleanup error.
+    """
     try:
+        # Empty when Serve never started (serve.shutdown then only logs that nothing runs).
         apps = set(serve.status().applications)
-    except Exception:  # Serve never came up (or is already gone): nothing of ours to remove
-        return
-    # One call either way: `ray job stop` SIGKILLs the command 3 s after its SIGTERM.
-    if apps <= {cfg.app_name}:
-        serve.shutdown()
-    elif cfg.app_name in apps:
-        serve.delete(cfg.app_name)
+        # One call either way: `ray job stop` SIGKILLs the command 3 s after its SIGTERM, and
+        # Serve's controller finishes either call on its own once it was sent.
+        if apps <= {cfg.app_name}:
+            serve.shutdown()
+        elif cfg.app_name in apps:
+            serve.delete(cfg.app_name)
+    except Exception as exc:  # Ray or Serve already gone, or the delete timed out
+        log.warning("raylm serve: could not remove app %r: %s", cfg.app_name, exc)
 
 
 def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
@@ -368,4 +375,4 @@ def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
         while True:
             time.sleep(poll_s)
     finally:
-        stop(cfg)
+        _stop(cfg)
