@@ -658,9 +658,13 @@ def test_serve_across_nodes_survives_losing_the_worker_node(cluster, workdir, ti
 
         deleted_s = _until(deleted, 60, "the endpoint gone after ray job stop",
                            lambda: f"{_serve_state(cluster)}; /v1/models: {seen[-3:]}")  # fmt: skip
-        # The only app on Serve: `raylm serve` shut Serve down with it, leaving no app behind.
-        _until(lambda: not cluster.api("/api/serve/applications/").get("applications"), 30,
-               "no Serve app left after ray job stop", lambda: _serve_state(cluster))  # fmt: skip
+
+        # The only app on Serve: `raylm serve` shut Serve down with it (no app, controller or proxy).
+        def serve_gone() -> bool:
+            details = cluster.api("/api/serve/applications/")
+            return not any(details.get(k) for k in ("applications", "controller_info", "proxies"))
+
+        _until(serve_gone, 30, "Serve shut down after ray job stop", lambda: _serve_state(cluster))
         print(
             f"\nserve across nodes: deployed in {deployed_s:.0f} s; {len(records)} requests, "
             f"{in_flight} in flight at the kill, {failed} failed; Serve saw the loss after "
