@@ -95,9 +95,11 @@ def _from_metrics(a: argparse.Namespace, run: Path, wall: float) -> dict:
     """Steady tokens/s from a run dir's metrics.jsonl (the first row is warm-up); start-up is the
     wall time outside the logged steps."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    tokens = a.rows * a.seq_len * a.log_every
-    seconds = [tokens / r["tokens_per_s"] for r in rows]  # per row: log_every steps
-    steady = tokens * (len(rows) - 1) / sum(seconds[1:])
+    marks = [0] + [r["step"] for r in rows]
+    # Per row: the tokens of the steps since the previous row, and the seconds they took.
+    tokens = [(marks[i + 1] - marks[i]) * a.rows * a.seq_len for i in range(len(rows))]
+    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, rows, strict=True)]
+    steady = sum(tokens[1:]) / sum(seconds[1:])
     return {"tokens_per_s": steady, "startup_s": wall - sum(seconds)}
 
 
