@@ -139,9 +139,14 @@ class _ReplicaModels:
     def model_names(self) -> list[str]:
         return list(self._names)
 
+    def engines(self) -> list[tuple[str, Backend]]:
+        """(name, engine) pairs, copied: health checks and stats run off the event loop, which may
+        load or evict a model meanwhile."""
+        return list(self.loaded.items())
+
     def forget(self, engine: Backend) -> None:
         """Drop an evicted engine (only that object: the name may already be loaded again)."""
-        for name, e in list(self.loaded.items()):
+        for name, e in self.engines():
             if e is engine:
                 del self.loaded[name]
 
@@ -151,7 +156,7 @@ class _ReplicaModels:
         return loaded.engine
 
     def is_ready(self) -> bool:
-        return self.ready and all(e.is_ready() for e in list(self.loaded.values()) if not e.closing)
+        return self.ready and all(e.is_ready() for _, e in self.engines() if not e.closing)
 
 
 @serve.deployment(name="OpenAIDeployment")
@@ -199,20 +204,18 @@ class OpenAIDeployment:
         ``serve.get_deployment_handle("OpenAIDeployment", app).engine_stats.remote().result()``
         (one replica's view; the same numbers go to Ray's metrics).
         """
-        return {name: e.stats() for name, e in list(self.models.loaded.items())}
+        return {name: e.stats() for name, e in self.models.engines()}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread died."""
-        dead = [
-            n for n, e in list(self.models.loaded.items()) if not e.closing and not e.is_ready()
-        ]
+        dead = [n for n, e in self.models.engines() if not e.closing and not e.is_ready()]
         if dead:
             raise RuntimeError(f"engine not running for {dead}")
 
     async def __del__(self) -> None:
         # Serve already waited for in-flight requests (graceful_shutdown_timeout_s); stop the engines,
         # failing anything still running with an error event instead of cutting the stream.
-        engines = list(self.models.loaded.values()) if hasattr(self, "models") else []
+        engines = [e for _, e in self.models.engines()] if hasattr(self, "models") else []
         await asyncio.gather(*(asyncio.to_thread(e.shutdown, 1.0) for e in engines))
 
 
