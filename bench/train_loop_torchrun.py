@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,14 +24,13 @@ from training.loop import WorkerIO, run_worker  # noqa: E402
 
 
 def main() -> None:
-    t0 = time.perf_counter()
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
     job = plan_job(load_config(None, spec["sets"]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     run_worker(job, WorkerIO(rank=rank, world_size=world, report=lambda *args: None))
     if rank == 0:  # tokens/s come from the run dir's metrics.jsonl, as for raylm train
-        print("RESULT " + json.dumps({"run_dir": job.run_dir, "wall_s": time.perf_counter() - t0}))
+        print("RESULT " + json.dumps({"run_dir": job.run_dir}))
 
 
 if __name__ == "__main__":
