@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -26,7 +24,7 @@ from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
 from training.errors import Preempted, TrainConfigError
-from training.loop import WorkerIO, WorkerJob, run_worker
+from training.loop import WorkerHooks, WorkerIO, WorkerJob, run_worker
 from training.lora import check_lora_targets
 from training.model import hf_config, model_max_positions
 from training.observe import driver_progress, resolve_trackers
@@ -53,11 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["job_from_dict", "job_to_dict", "open_run", "plan_job", "run_dir", "train"]
 
 log = logging.getLogger(__name__)
-# Test-only fault injection: "STEP:RANK" SIGKILLs that worker once, after that optimizer step
-# ("STEP:RANK:TERM": SIGTERM instead).
-KILL_ENV = "RAYLM_TEST_KILL_AT_STEP"
-# Test-only: "STEP" makes rank 0 save the reduced gradients of that step (ZeRO-0) to run_dir/grads/.
-GRADS_ENV = "RAYLM_TEST_GRADS_AT_STEP"
 
 
 def run_dir(cfg: RaylmConfig) -> Path:
@@ -304,41 +297,6 @@ def _s3_resume_candidates(fs: Any) -> Iterable[Path]:
     return download_checkpoints(fs, list_checkpoints(fs, run, first=latest.path))
 
 
-def _kill_hook(job: WorkerJob, spec: str) -> Callable[[int, int], None] | None:
-    if not spec:
-        return None
-    # "STEP:RANK" SIGKILLs; "STEP:RANK:TERM" sends SIGTERM (a preempted worker).
-    at_step, at_rank, *how = spec.split(":")
-    sig = signal.SIGTERM if how == ["TERM"] else signal.SIGKILL
-    marker = Path(job.run_dir) / ".test_killed"
-
-    def hook(step: int, rank: int) -> None:
-        if step == int(at_step) and rank == int(at_rank) and not marker.exists():
-            marker.write_text(str(step))
-            os.kill(os.getpid(), sig)
-
-    return hook
-
-
-def _grads_hook(job: WorkerJob, spec: str) -> Callable[[Any, int, int], None] | None:
-    if not spec:
-        return None
-    at_step = int(spec)
-
-    def hook(module: Any, step: int, rank: int) -> None:
-        if step != at_step or rank != 0:
-            return
-        from safetensors.torch import save_file
-
-        grads = {n: p.grad.detach().float().clone() for n, p in module.named_parameters()
-                 if p.grad is not None}  # fmt: skip
-        out = Path(job.run_dir) / "grads"
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(grads, str(out / f"step{step}.safetensors"))
-
-    return hook
-
-
 def _train_fn(config: dict[str, Any]) -> None:
     job = job_from_dict(config["job"])
     import ray.train
@@ -350,20 +308,19 @@ def _train_fn(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     fs = config.get("run_fs")
     if fs is None:
-        run_worker(job, _worker_io(job, config, rank, _ray_report, lambda: _resume_candidates(job)))
+        run_worker(job, _worker_io(config, rank, _ray_report, lambda: _resume_candidates(job)))
         return
     # S3: the loop's run dir is this worker's local mirror of the run dir.
     remote = job.run_dir
     with worker_run(fs, remote, rank) as mirror:
         job = dataclasses.replace(job, run_dir=str(mirror.local))
         report = pushing_reports(mirror, _ray_report)
-        io = _worker_io(job, config, rank, report, lambda: _s3_resume_candidates(fs))
+        io = _worker_io(config, rank, report, lambda: _s3_resume_candidates(fs))
         io.name_of = lambda local: f"{remote.rstrip('/')}/{local.name}"
         run_worker(job, io)
 
 
 def _worker_io(
-    job: WorkerJob,
     config: dict[str, Any],
     rank: int,
     report: Callable[..., None],
@@ -371,14 +328,19 @@ def _worker_io(
 ) -> WorkerIO:
     import ray.train
 
+    hooks: WorkerHooks | None = config.get("hooks")
     return WorkerIO(rank=rank, world_size=ray.train.get_context().get_world_size(), report=report,
                     resume_candidates=candidates,
-                    after_step=_kill_hook(job, config.get("kill_at", "")),
-                    before_update=_grads_hook(job, config.get("grads_at", "")))  # fmt: skip
+                    after_step=hooks.after_step if hooks else None,
+                    before_update=hooks.before_update if hooks else None)  # fmt: skip
 
 
-def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
-    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result."""
+def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | None = None) -> Any:
+    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result.
+
+    ``hooks`` are callables handed to every worker's loop (they travel by cloudpickle in
+    ``train_loop_config``): the tests' fault injection and gradient capture. None in production.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
@@ -390,13 +352,10 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None) -> Any:
     storage, fs = _ray_storage(cfg)
     trainer = TorchTrainer(
         _train_fn,
-        # The kill switch is read on the driver: Ray workers inherit the environment of the
-        # cluster's start, not of this process.
         train_loop_config={
             "job": job_to_dict(job),
             "threads": sc.cpus_per_worker,
-            "kill_at": os.environ.get(KILL_ENV, ""),
-            "grads_at": os.environ.get(GRADS_ENV, ""),
+            **({"hooks": hooks} if hooks is not None else {}),
             **({"run_fs": fs} if fs is not None else {}),  # S3: side files go through it too
         },  # fmt: skip
         scaling_config=RayScaling(

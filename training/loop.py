@@ -54,7 +54,7 @@ from training.records import (
     write_worker_info,
 )
 
-__all__ = ["METRICS_NAME", "Reporter", "WorkerIO", "WorkerJob", "run_worker"]
+__all__ = ["METRICS_NAME", "Reporter", "WorkerHooks", "WorkerIO", "WorkerJob", "run_worker"]
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +98,21 @@ class Reporter(Protocol):
 
 
 @dataclass
+class WorkerHooks:
+    """Callables a caller hands into every worker's loop (tests: fault injection, gradient capture).
+
+    They travel to Ray workers by cloudpickle inside ``train_loop_config``, so a test passes its own
+    functions; nothing in raylm sets them.
+    """
+
+    # Called after each optimizer step with (step, rank).
+    after_step: Callable[[int, int], None] | None = None
+    # Called with (module, step, rank) after the step's last backward, before the optimizer update:
+    # under ZeRO-0 the module's .grad holds the reduced gradient.
+    before_update: Callable[[torch.nn.Module, int, int], None] | None = None
+
+
+@dataclass
 class WorkerIO:
     rank: int
     world_size: int
@@ -108,10 +123,8 @@ class WorkerIO:
     # What a candidate is called in errors, warnings and events.jsonl (S3: its s3:// URI, not the
     # temporary download).
     name_of: Callable[[Path], str] = str
-    # Test hook called after each optimizer step with (step, rank): fault injection.
+    # WorkerHooks.after_step and .before_update (see there); None unless a caller hands them in.
     after_step: Callable[[int, int], None] | None = None
-    # Test hook called with (module, step, rank) after the step's last backward, before the
-    # optimizer update: under ZeRO-0 the module's .grad holds the reduced gradient.
     before_update: Callable[[torch.nn.Module, int, int], None] | None = None
 
 

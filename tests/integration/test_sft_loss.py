@@ -1,28 +1,30 @@
 """SFT loss normalization: the gradient of one optimizer step does not depend on how its rows are
 split over ranks and accumulation steps.
 
-Real Ray Train workers and DeepSpeed (ZeRO-0, fp32) on the session's packed SFT data, whose rows
-carry very different numbers of assistant (loss) tokens. Three ways to split the same 4 rows:
+raylm's per-worker loop on local processes (``tests.mp_loop``: gloo, real DeepSpeed ZeRO-0, fp32,
+no Ray: the split is the loop's business) on the session's packed SFT data, whose rows carry very
+different numbers of assistant (loss) tokens. Three ways to split the same 4 rows:
 1 worker x 4 accumulation steps, 2 workers x 2, 4 workers x 1 micro-batch. Rank 0 dumps the
-reduced gradient before the optimizer step (``GRADS_ENV``); all three must equal the in-process
+reduced gradient before the optimizer step (a ``SaveGrads`` hook); all three must equal the in-process
 gradient of the whole batch, (sum of token losses) / (loss-token count), and a control computed as
 the mean of per-micro-batch means must differ.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from cluster.config import load_config
+from tests.faults import SaveGrads
+from tests.mp_loop import run_loop
 from training.batch import document_causal_mask, loss_targets, token_loss
 from training.data import MixedRows
-from training.launcher import GRADS_ENV, plan_job, run_dir, train
+from training.launcher import plan_job, run_dir
+from training.loop import WorkerHooks
 from training.model import build_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,16 +49,16 @@ def _cfg(prepared_sft, storage: Path, name: str, world: int, micro: int):
 
 
 @pytest.fixture(scope="module")
-def grads(ray_local, prepared_sft, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+def grads(prepared_sft, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     storage = tmp_path_factory.mktemp("sft_grads")
     out = {}
-    with mock.patch.dict(os.environ, {GRADS_ENV: "1"}):
-        for name, (world, micro) in SPLITS.items():
-            cfg = _cfg(prepared_sft, storage, name, world, micro)
-            train(cfg)
-            out[name] = load_file(str(run_dir(cfg) / "grads" / "step1.safetensors"))
+    for name, (world, micro) in SPLITS.items():
+        cfg = _cfg(prepared_sft, storage, name, world, micro)
+        hooks = WorkerHooks(before_update=SaveGrads(str(run_dir(cfg) / "grads")))
+        run_loop(plan_job(cfg), world, hooks)
+        out[name] = load_file(str(run_dir(cfg) / "grads" / "step1.safetensors"))
     return out
 
 

@@ -1,12 +1,14 @@
-"""ZeRO-3 on 2 Ray Train workers: numerics, partitioned construction, fault injection, resume, export.
+"""`raylm train` numerics, partitioned construction, metrics, fault injection, resume and export.
 
-Three module-scoped runs on the session's real `data prepare` output (seq_len 128, BPE tokenizer with
+Module-scoped runs on the session's real `data prepare` output (seq_len 128, BPE tokenizer with
 chat template), tiny model, 8 steps of 8 rows:
-- ``z0``: 1 worker, ZeRO-0, the numerics reference;
-- ``z3``: 2 workers, ZeRO-3, uninterrupted, checkpoints every 3 steps (kept: 6 and 8);
+- ``z0``: 1 rank, ZeRO-0, the numerics reference, and ``z1``: 2 ranks, ZeRO-1: raylm's per-worker
+  loop on local processes (``tests.mp_loop``, gloo), no Ray: numerics need no Ray Train run;
+- ``z3``: 2 Ray Train workers, ZeRO-3, uninterrupted, checkpoints every 3 steps (kept: 6 and 8);
 - ``fault``: ``z3`` again with rank 1 SIGKILLed after step 5 and ``max_failures: 1``;
-- ``z1``: 2 workers, ZeRO-1, uninterrupted; ``z2``: 2 workers, ZeRO-2, rank 1 sent SIGTERM after
-  step 3 (a preempted node), then the same call again, which resumes and finishes.
+- ``z2``: 2 Ray Train workers, ZeRO-2, eval every 4 steps, rank 1 sent SIGTERM after step 3 (a
+  preempted node), then the same call again, which resumes and finishes; its metrics rows,
+  learning-rate warmup and checkpoint pruning are checked too.
 The re-run and corrupt-checkpoint tests work on copies of the fault run's dir.
 """
 
@@ -14,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import math
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
 from cluster.config import load_config
+from tests.faults import KILLED_NAME, KillAt
+from tests.mp_loop import run_loop
 from training.checkpoint import verify_checkpoint
-from training.errors import Preempted
-from training.launcher import KILL_ENV, plan_job, run_dir, train
+from training.errors import Preempted, TrainConfigError
+from training.launcher import plan_job, run_dir, train
+from training.loop import WorkerHooks
 from training.records import read_events, read_row_ids
 
 pytestmark = pytest.mark.timeout(600)
@@ -51,9 +56,9 @@ def _cfg(prepared, storage: Path, name: str, *overrides: str):
     return load_config(None, base + list(overrides))
 
 
-def _run(cfg):
+def _run(cfg, hooks: WorkerHooks | None = None):
     """The same command every time: row ids recorded, as the audit tests need."""
-    return train(cfg, dataclasses.replace(plan_job(cfg), record_row_ids=True))
+    return train(cfg, dataclasses.replace(plan_job(cfg), record_row_ids=True), hooks)
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -67,10 +72,10 @@ def storage(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def z0(ray_local, prepared_pretrain, storage):
+def z0(prepared_pretrain, storage):
     cfg = _cfg(prepared_pretrain, storage, "z0", "scaling.num_workers=1",
                "deepspeed.zero_stage=0", "train.checkpoint_every=100")  # fmt: skip
-    train(cfg)
+    run_loop(plan_job(cfg), world=1)
     return cfg
 
 
@@ -84,28 +89,28 @@ def z3(ray_local, prepared_pretrain, storage):
 @pytest.fixture(scope="module")
 def fault(ray_local, prepared_pretrain, storage):
     cfg = _cfg(prepared_pretrain, storage, "fault", "scaling.max_failures=1")
-    with mock.patch.dict(os.environ, {KILL_ENV: "5:1"}):
-        _run(cfg)
+    _run(cfg, WorkerHooks(after_step=KillAt(str(run_dir(cfg)), step=5, rank=1)))
     return cfg
 
 
 @pytest.fixture(scope="module")
-def z1(ray_local, prepared_pretrain, storage):
+def z1(prepared_pretrain, storage):
     cfg = _cfg(prepared_pretrain, storage, "z1", "deepspeed.zero_stage=1",
                "train.checkpoint_every=100")  # fmt: skip
-    train(cfg)
+    run_loop(plan_job(cfg), world=2)
     return cfg
 
 
 @pytest.fixture(scope="module")
 def z2(ray_local, prepared_pretrain, storage):
     """(config, the Preempted error of the first call)."""
-    cfg = _cfg(prepared_pretrain, storage, "z2", "deepspeed.zero_stage=2",
-               "train.checkpoint_every=100")  # fmt: skip
-    with mock.patch.dict(os.environ, {KILL_ENV: "3:1:TERM"}), pytest.raises(Preempted) as stop:
-        train(cfg)
-    train(cfg)
-    return cfg, stop.value
+    cfg = _cfg(prepared_pretrain, storage, "z2", "deepspeed.zero_stage=2", "train.eval_every=4",
+               "train.keep_checkpoints=2")  # fmt: skip
+    term = KillAt(str(run_dir(cfg)), step=3, rank=1, signum=signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        train(cfg, hooks=WorkerHooks(after_step=term))
+    result = train(cfg)
+    return cfg, stop.value, result
 
 
 @pytest.mark.parametrize("which", ["z1", "z2"])
@@ -118,14 +123,50 @@ def test_zero12_two_workers_match_zero0_one_worker(which, z0, request) -> None:
 
 
 def test_sigterm_to_one_worker_checkpoints_that_step_and_the_rerun_resumes(z2) -> None:
-    cfg, stop = z2
+    cfg, stop, _ = z2
     rd = run_dir(cfg)
-    assert (rd / ".test_killed").read_text() == "3"  # rank 1 got SIGTERM after step 3
+    assert (rd / KILLED_NAME).read_text() == "3"  # rank 1 got SIGTERM after step 3
     # Seen at the very next step boundary, by both ranks (else a collective would hang).
     assert stop.step == 3 and stop.reason == "SIGTERM to a worker"
-    assert [(e["event"], e["step"]) for e in read_events(rd)] == [("preempt", 3), ("resume", 3)]
-    assert verify_checkpoint(rd / "checkpoint_00000003").step == 3
+    events = read_events(rd)
+    assert [(e["event"], e["step"]) for e in events] == [("preempt", 3), ("resume", 3)]
+    assert Path(events[1]["checkpoint"]).name == "checkpoint_00000003"
     assert verify_checkpoint(rd / f"checkpoint_{STEPS:08d}").step == STEPS
+
+
+def test_metrics_rows_warmup_eval_and_kept_checkpoints(z2, z0) -> None:
+    cfg, _, result = z2
+    rows = _metrics(run_dir(cfg))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "mfu"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(0.0015)  # warmup 2, lr 0.003
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert evals[-1]["eval_loss"] < math.log(plan_job(cfg).vocab_size)  # below uniform
+    # Checkpoints at 3 (the preemption), 6 and the end (8); Ray keeps the newest 2, each verifies.
+    ckpts = sorted(p.name for p in run_dir(cfg).glob("checkpoint_*") if p.is_dir())
+    assert ckpts == ["checkpoint_00000006", f"checkpoint_{STEPS:08d}"]
+    state = verify_checkpoint(run_dir(cfg) / ckpts[-1])
+    assert state.step == STEPS and state.world_size == 2 and state.tokens_seen == STEPS * 8 * 128
+    assert Path(result.checkpoint.path).name == f"checkpoint_{STEPS:08d}"
+
+
+def test_bad_config_fails_before_workers(prepared_pretrain, tmp_path) -> None:
+    cases = [
+        (["train.datasets=[/nonexistent/ds]"], r"train\.datasets\[0\]\.path"),
+        (["model.max_position_embeddings=16"], r"model\.max_position_embeddings"),
+        (["model.vocab_size=32"], r"model\.vocab_size"),
+        (["train.global_batch_tokens=100"], r"train\.global_batch_tokens"),
+        (["scaling.num_workers=3"], r"scaling\.num_workers"),
+        (["deepspeed.precision=fp16"], r"deepspeed\.precision"),
+        (["train.nonfinite=skip", "deepspeed.zero_stage=0"], r"train\.nonfinite"),
+    ]
+    for overrides, key in cases:
+        with pytest.raises(TrainConfigError, match=key):
+            plan_job(_cfg(prepared_pretrain, tmp_path, "bad", *overrides))
 
 
 def test_zero3_two_workers_match_zero0_one_worker(z0, z3) -> None:
@@ -149,7 +190,7 @@ def test_zero3_ranks_hold_a_partition_after_construction(z0, z3) -> None:
 
 def test_killed_worker_restarts_from_checkpoint_with_identical_losses(z3, fault) -> None:
     rd = run_dir(fault)
-    assert (rd / ".test_killed").read_text() == "5"  # the kill happened
+    assert (rd / KILLED_NAME).read_text() == "5"  # the kill happened
     resumes = [e for e in read_events(rd) if e["event"] == "resume"]
     assert [(e["step"], Path(e["checkpoint"]).name) for e in resumes] == [
         (3, "checkpoint_00000003")

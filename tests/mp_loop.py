@@ -1,0 +1,84 @@
+"""raylm's per-worker loop on N local processes (torch.multiprocessing + gloo), without Ray.
+
+For the numerics tests (ZeRO stage equivalence, SFT loss splits): the loop takes its rank, world
+size and reporting as arguments (``training.loop.WorkerIO``), so the same ``run_worker`` that Ray
+Train runs also runs here, at a fraction of a Ray Train run's start-up. Checkpoints are stored as
+Ray Train stores them: every rank's files merged into ``run_dir/<checkpoint name>``, so ``raylm
+export`` reads them. What only Ray does (restarts, SIGTERM, S3, placement) stays tested through
+``raylm train``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from training.loop import WorkerHooks, WorkerIO, WorkerJob
+
+__all__ = ["run_loop"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _StoreCheckpoints:
+    """The loop's reporter: metrics are already in metrics.jsonl; checkpoints are copied into the
+    run dir under the name the loop gives (rank-specific file names, as under Ray Train)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = Path(run_dir)
+
+    def __call__(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int, dir_name=None
+    ) -> None:
+        if checkpoint_dir is not None:
+            dest = self.run_dir / (dir_name or f"checkpoint_{step:08d}")
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+
+
+def _worker(job: WorkerJob, rank: int, world: int, port: int, hooks: WorkerHooks | None) -> None:
+    import torch
+
+    from training.loop import run_worker
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    torch.set_num_threads(1)  # the ranks share the cores, as Ray's workers do
+    hooks = hooks or WorkerHooks()
+    io = WorkerIO(rank=rank, world_size=world, report=_StoreCheckpoints(job.run_dir),
+                  after_step=hooks.after_step, before_update=hooks.before_update)  # fmt: skip
+    run_worker(job, io)
+
+
+def run_loop(
+    job: WorkerJob, world: int, hooks: WorkerHooks | None = None, timeout_s: float = 300
+) -> Path:
+    """Train ``job`` on ``world`` spawned processes; returns its run dir. Raises if a rank fails."""
+    import torch.multiprocessing as mp
+
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(job, rank, world, port, hooks))
+             for rank in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"run_loop({job.run_dir}): rank exit codes {codes}")
+    return Path(job.run_dir)
