@@ -38,7 +38,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import moto_s3_server
+from tests.conftest import TEST_RAY_ENV, moto_s3_server
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -67,7 +67,7 @@ class LoopbackCluster:
                    RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0",
                    # the local S3 server's dummy credentials, as nodes would hold real ones
                    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+                   AWS_DEFAULT_REGION="us-east-1", **TEST_RAY_ENV)  # fmt: skip
         self.env = env  # what a user's shell on the cluster has: ray and raylm on PATH, the token
         self._taken: set[int] = set()
         self.gcs_port, self.dash_port = self._port(), self._port()
