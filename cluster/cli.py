@@ -31,6 +31,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.seq_len=1024 (repeatable; beats the YAML)",
     )
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and the workers' own output on the console too "
+                   "(also RAYLM_LOG_LEVEL=debug); by default it goes to raylm.log in the "
+                   "output dir")  # fmt: skip
 
 
 def _load(args: argparse.Namespace) -> RaylmConfig:
@@ -59,7 +67,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from cluster.ray_env import ray_session
     from data_pipelines.tokenizer_train import train_tokenizer
 
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, cfg.tokenizer.output, args.verbose):
         out = train_tokenizer(cfg.tokenizer, cfg.data)
     write_resolved(cfg, out)
     print(f"tokenizer written to {out}")
@@ -75,7 +83,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     if plan.existing is not None:
         result = PrepareResult(Path(cfg.data.output), plan.existing, skipped=True)
     else:
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray, cfg.data.output, args.verbose):
             result = prepare(cfg.data, tokenizer_path(cfg), plan=plan)
     write_resolved(cfg, result.output)
     print(summarize(result))
@@ -99,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # S3: the lock is a lease object and run.local a mirror uploaded as the run goes.
         with open_run(cfg) as run:
             write_resolved(cfg, run.local)
-            with ray_session(cfg.ray):
+            with ray_session(cfg.ray, run.local, args.verbose):
                 _require_shared_storage(cfg, run.fs)
                 result = train(cfg, job)
     except RunLockedError as exc:
@@ -141,7 +149,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not cfg.serve.models:
         raise ConfigError("serve.models: list at least one {name, path} to serve")
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, Path("runs") / "serve" / cfg.serve.app_name, args.verbose):
         serve_forever(cfg.serve)
     return 0
 
@@ -209,7 +217,8 @@ def _compare_evals(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from cluster.quickstart import run_quickstart
 
-    return run_quickstart(args.workdir, overrides=args.overrides, docs=args.docs)
+    return run_quickstart(args.workdir, overrides=args.overrides, docs=args.docs,
+                          verbose=args.verbose)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/quickstart", help="where every stage writes")
     p.add_argument("--docs", type=int, default=4000, help="synthetic pretraining documents")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_quickstart)
     return parser
 

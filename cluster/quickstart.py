@@ -127,15 +127,13 @@ class _Progress:
 
 
 def _quiet_ray_data() -> None:
-    """The quickstart prints one line per stage; Ray Data's own bars and INFO lines would bury them."""
-    import logging
-
+    """The quickstart prints one line per stage; Ray Data's own bars would bury them (its log lines
+    go to the log file with the rest of Ray's)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------- stages
@@ -373,7 +371,10 @@ def _stage_commands() -> list[str]:
 
 
 def run_quickstart(
-    workdir: str = DEFAULT_ROOT, overrides: list[str] | None = None, docs: int = 4000
+    workdir: str = DEFAULT_ROOT,
+    overrides: list[str] | None = None,
+    docs: int = 4000,
+    verbose: bool = False,
 ) -> int:
     cfg = quickstart_configs(workdir, overrides or [])
     out = Outcome(workdir=Path(workdir))
@@ -384,7 +385,7 @@ def run_quickstart(
     bar = _Progress(STAGES)
     try:
         bar.run("synth", lambda: _synth(corpus, docs, cfg.pretrain.seed))
-        with ray_session(cfg.pretrain.ray, quiet_local=True):
+        with ray_session(cfg.pretrain.ray, out.workdir, verbose):
             _quiet_ray_data()
             bar.run("tokenizer train", lambda: _tokenizer(cfg.pretrain))
             bar.run("data prepare", lambda: _prepare(cfg.pretrain))

@@ -14,9 +14,11 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, RayConfig
+from cluster.logs import console_logs
 
 __all__ = ["ray_session", "cluster_address", "local_num_cpus", "WORKER_ENV"]
 
@@ -78,30 +80,39 @@ def _join_runtime_env() -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig, quiet_local: bool = False) -> Iterator[None]:
+def ray_session(
+    cfg: RayConfig, log_dir: str | Path | None = None, verbose: bool = False
+) -> Iterator[None]:
     """Use the Ray instance already initialised in this process, else join or start one.
 
-    Only an instance this function started is shut down on exit. ``quiet_local`` keeps a local
-    instance's worker output in its log files (the quickstart prints one line per stage; Ray
-    Train's per-report lines would bury them); a joined cluster always forwards it.
+    Only an instance this function started is shut down on exit. With ``log_dir``, Ray's,
+    DeepSpeed's and the workers' output go to ``log_dir/raylm.log`` (path printed) and the console
+    keeps raylm's own lines (``cluster.logs``); ``verbose`` keeps everything on the console.
+
+    A local instance starts Ray's dashboard on 127.0.0.1: Ray's State API lives there, and Ray
+    Train's placement-group cleaner polls it every second for the whole run (without it, it warns
+    each time that the State API is unavailable).
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    address = cluster_address(cfg)
-    os.environ.update(WORKER_ENV)
-    if address:
-        ray.init(address=address, runtime_env=_join_runtime_env(), log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=local_num_cpus(cfg.num_cpus),
-            runtime_env={"env_vars": dict(WORKER_ENV)},
-            include_dashboard=False,
-            log_to_driver=not quiet_local,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with console_logs(log_dir, verbose) as logs:
+        address = cluster_address(cfg)
+        os.environ.update(WORKER_ENV)
+        if address:
+            ray.init(address=address, runtime_env=_join_runtime_env(), log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=local_num_cpus(cfg.num_cpus),
+                runtime_env={"env_vars": dict(WORKER_ENV)},
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+            )
+        logs.after_ray_init()
+        try:
+            yield
+        finally:
+            ray.shutdown()

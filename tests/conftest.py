@@ -58,7 +58,8 @@ def moto_s3_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray instance for the whole session (4 logical CPUs on a 2-core box)."""
+    """One real local Ray instance for the whole session (4 logical CPUs on a 2-core box), with
+    the dashboard as `raylm` starts it (Ray Train's placement-group cleaner needs its State API)."""
     import ray
 
     from cluster.ray_env import WORKER_ENV
@@ -66,7 +67,8 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             runtime_env={"env_vars": dict(WORKER_ENV)},
             log_to_driver=False,
         )
@@ -200,17 +202,19 @@ def train_and_export(name: str, storage, out, overrides: list[str]):
 
 @pytest.fixture(scope="session")
 def pretrained_model_dir(ray_local, prepared_pretrain, tmp_path_factory):
-    """A tiny model pretrained by `raylm train` (2 workers, ZeRO-2) on the session corpus, exported."""
+    """A tiny model pretrained by `raylm train` (2 workers, ZeRO-2) on the session corpus, exported.
+
+    Its users need a base that `raylm train` wrote and exported, not a good model: 12 steps."""
     root = tmp_path_factory.mktemp("pretrained")
     train_and_export("pretrain", root / "runs", root / "export", [
         f"train.datasets=[{prepared_pretrain.output}]",
         "train.global_batch_tokens=4096",  # 32 rows of 128
         "train.micro_batch_size=8",
-        "train.max_steps=60",
+        "train.max_steps=12",
         "train.lr=0.003",
-        "train.warmup_steps=6",
-        "train.log_every=10",
-        "train.checkpoint_every=60",
+        "train.warmup_steps=2",
+        "train.log_every=6",
+        "train.checkpoint_every=12",
         "scaling.num_workers=2",
         "deepspeed.zero_stage=2",
     ])  # fmt: skip

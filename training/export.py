@@ -11,6 +11,8 @@ embedding is stored once), the run's tokenizer files with their chat template,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_ds_log = logging.getLogger("deepspeed.zero_to_fp32")  # DeepSpeed's own output, for the log file
 PROVENANCE_NAME = "provenance.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,8 +80,13 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if list((ckpt / tag).glob("*_optim_states.pt")) and list((ckpt / tag).glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # ZeRO 1-3: the fp32 master partitions of every rank, merged by parameter name.
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+        # ZeRO 1-3: the fp32 master partitions of every rank, merged by parameter name. It prints
+        # its progress: that goes to the log (the command's log file), not the user's console.
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+        _ds_log.info("zero_to_fp32 %s: %s", ckpt, " | ".join(said.getvalue().split("\n")).strip())
+        return sd
     # ZeRO-0: the module's state dict as DeepSpeed saved it (weights_only=False: DeepSpeed
     # pickles more than tensors; acceptable because the integrity manifest verified).
     states = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu",

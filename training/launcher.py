@@ -27,7 +27,7 @@ from training.errors import Preempted, TrainConfigError
 from training.loop import WorkerHooks, WorkerIO, WorkerJob, run_worker
 from training.lora import check_lora_targets
 from training.model import hf_config, model_max_positions
-from training.observe import driver_progress, resolve_trackers
+from training.observe import driver_progress, mark_worker_warnings, resolve_trackers
 from training.preempt import driver_sigterm
 from training.records import EVENTS_NAME, METRICS_NAME, read_events
 from training.storage import (
@@ -302,6 +302,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    mark_worker_warnings()  # the driver shows these; the rest of a worker's output goes to its log
     if not job.use_gpu:  # workers share the cores: no oversubscription
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()

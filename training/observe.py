@@ -7,6 +7,8 @@
   points, so its history keeps the discarded steps too.
 - The progress bar runs on the driver (Ray sends worker output through line-based log files, where
   a carriage-return bar cannot render): a thread follows the tail of ``metrics.jsonl``.
+- A worker's own warnings reach the user's console marked (:func:`mark_worker_warnings`); the
+  driver (``cluster.logs``) echoes only those and files the rest of the workers' output.
 
 :func:`resolve_trackers` runs on the driver and turns "unset" into on/off, so a worker never
 guesses from its own environment (Ray workers get the cluster's environment, not the driver's).
@@ -32,11 +34,34 @@ from training.errors import TrainConfigError
 __all__ = [
     "MLFLOW_EXPERIMENT",
     "TENSORBOARD_DIR",
+    "WORKER_MARK",
     "close_trackers",
     "driver_progress",
     "log_row",
+    "mark_worker_warnings",
     "resolve_trackers",
 ]
+
+# Prefix of raylm's own warnings in a worker's stderr: the driver echoes these lines to the console.
+WORKER_MARK = "raylm "
+RAYLM_LOGGERS = ("cluster", "training", "data_pipelines", "serving")
+
+
+def mark_worker_warnings() -> None:
+    """In a Ray worker: raylm's warnings also go to stderr prefixed with :data:`WORKER_MARK`.
+
+    Idempotent: a worker process that runs several tasks adds the handler once.
+    """
+    for name in RAYLM_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(getattr(h, "raylm_mark", False) for h in logger.handlers):
+            continue
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(WORKER_MARK + "%(levelname)s %(name)s: %(message)s"))
+        handler.raylm_mark = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
 
 log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"

@@ -2,6 +2,9 @@
 the next step boundary and stop, the driver exits with EXIT_PREEMPTED and says so, and the same
 command run again resumes from that checkpoint, finishes, and exports (train.export_dir).
 
+The same two runs show the console a user sees: raylm's own lines, no line repeated over and over,
+none of Ray's or DeepSpeed's chatter, which is in the run dir's `raylm.log` instead.
+
 The CLI runs as a subprocess joining the session's Ray instance through RAY_ADDRESS, as a driver of
 `ray job submit` does (and without a second Ray instance on a small CI box).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.logs import LOG_NAME
 from training.checkpoint import verify_checkpoint
 from training.preempt import EXIT_PREEMPTED, MARKER_NAME
 from training.records import read_events
@@ -25,6 +30,32 @@ from training.runlock import LOCK_NAME
 
 ROOT = Path(__file__).parents[2]
 STEPS = 24
+# Seen on the console of `raylm train` before its output was split between console and log file.
+NOISE = [
+    "PlacementGroupCleaner",
+    "Failed to query Ray Train Controller actor state",
+    "Token authentication is enabled",
+    "has constructor arguments in the object store",
+    "Setting accelerator to CPU",
+    "Writing model shards",
+    "Loading checkpoint shards",
+    "RayTrainWorker pid=",
+    "TrainController pid=",
+]
+
+
+def _check_console(text: str, log: Path) -> None:
+    """No known noise, no line repeated more than 3 times (a bar's redraws differ in their counts);
+    the chatter is in the log file, and Ray's State API answered the cleaner all along."""
+    for noise in NOISE:
+        assert noise not in text, noise
+    lines = [x.strip() for x in re.split(r"[\r\n]+", text) if x.strip()]
+    top = max(((lines.count(x), x) for x in set(lines)), default=(0, ""))
+    assert top[0] <= 3, top
+    assert f"raylm: Ray and DeepSpeed logs go to {log}" in text
+    logged = log.read_text()
+    assert "RayTrainWorker pid=" in logged and "Setting accelerator to CPU" in logged
+    assert "Failed to query Ray Train Controller actor state" not in logged
 
 
 def _command(prepared, storage: Path, export: Path) -> list[str]:
@@ -84,6 +115,7 @@ def test_sigterm_to_driver_checkpoints_stops_and_the_same_command_resumes(
     assert f"preempted at step {step}" in err and "re-run the same command to resume" in err
     assert verify_checkpoint(rd / f"checkpoint_{step:08d}").step == step
     assert not (rd / MARKER_NAME).exists() and not export.exists()  # no export of a partial run
+    _check_console(out + err, rd / LOG_NAME)
 
     done = subprocess.run(
         cmd, cwd=ROOT, env=_env(ray_local), capture_output=True, text=True, timeout=400
@@ -96,6 +128,7 @@ def test_sigterm_to_driver_checkpoints_stops_and_the_same_command_resumes(
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert f"{STEPS}/{STEPS}" in done.stderr  # the driver's progress bar reached the end
+    _check_console(done.stdout + done.stderr, rd / LOG_NAME)
     assert verify_checkpoint(rd / f"checkpoint_{STEPS:08d}").step == STEPS
     assert (rd / LOCK_NAME).is_file() and list((rd / "tensorboard").glob("events.out.*"))
 
