@@ -1,10 +1,31 @@
-from cluster.docs import END, README, START, config_reference
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster.docs import DOC, END, START, config_reference, update_doc
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 
 
-def test_readme_config_reference_matches_the_schema():
-    text = README.read_text()
+def test_config_doc_reference_matches_the_schema():
+    assert DOC == REPO / "docs" / "config.md"
+    text = DOC.read_text()
     section = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert section == config_reference().strip(), "run: python -m cluster.docs --write"
+
+
+def test_update_doc_rewrites_only_the_generated_section(tmp_path):
+    doc = tmp_path / "config.md"
+    doc.write_text(f"# head\n{START}\n| stale | row |\n{END}\ntail\n")
+    assert update_doc(doc) is True
+    text = doc.read_text()
+    assert text == f"# head\n{START}\n{config_reference()}\n{END}\ntail\n"
+    assert update_doc(doc) is False
+    doc.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="config-reference:start"):
+        update_doc(doc)
 
 
 def test_reference_lists_nested_keys():
@@ -15,8 +36,6 @@ def test_reference_lists_nested_keys():
 
 def _named_tests(text: str) -> list[tuple[str, str]]:
     """(file, test name or '') for every `tests/...py[::name]` and following `::name` in text."""
-    import re
-
     found, current = [], ""
     for m in re.finditer(r"`(tests/[\w/]+\.py)?(?:::(\w+))?`", text):
         path, name = m.group(1), m.group(2)
@@ -28,15 +47,12 @@ def _named_tests(text: str) -> list[tuple[str, str]]:
 
 
 def test_readme_comparison_rows_name_tests_that_exist():
-    from pathlib import Path
-
     text = README.read_text()
     section = text.split("## What raylm does that the usual stack does not", 1)[1].split("\n## ")[0]
     named = _named_tests(section)
     assert len(named) >= 10
-    root = README.parent
     for path, name in named:
-        source = (root / path).read_text()
+        source = (REPO / path).read_text()
         assert not name or f"def {name}(" in source, f"{path}::{name} is not a test"
     assert _named_tests("`tests/a.py::x`, `::y`") == [("tests/a.py", "x"), ("tests/a.py", "y")]
-    assert Path(root / "tests").is_dir()
+    assert (REPO / "tests").is_dir()
