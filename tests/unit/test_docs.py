@@ -7,6 +7,8 @@ from cluster.docs import DOC, END, START, config_reference, update_doc
 
 REPO = Path(__file__).resolve().parents[2]
 GUARANTEES = REPO / "docs" / "guarantees.md"
+# The READMEs and docs/*.md: what a reader takes config keys from.
+PROSE = [REPO / "README.md", REPO / "cluster" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def test_config_doc_reference_matches_the_schema():
@@ -32,6 +34,29 @@ def test_reference_lists_nested_keys():
     ref = config_reference()
     for key in ("`data.dedup.partitions`", "`data.sft.overlong`", "`tokenizer.vocab_size`"):
         assert key in ref
+
+
+_SECTIONS = "ray|data|tokenizer|model|train|deepspeed|scaling|eval|serve"
+# `section.key` in backticks, ended by a backtick, space, `:`, `=` or `[` (not `serve.run(`);
+# file names such as `model.safetensors` or `eval.json` are not keys.
+_KEY = re.compile(rf"`((?:{_SECTIONS})(?:\.\w+)+)(?=[`\s:=\[])")
+_FILE = re.compile(r"\.(json|jsonl|png|safetensors|yaml|md|py)$")
+
+
+def config_key_problems(text: str, keys: set[str]) -> list[str]:
+    """Dotted config keys named in text that are neither a key nor a section of the schema."""
+    known = keys | {k.rsplit(".", n)[0] for k in keys for n in range(1, k.count(".") + 1)}
+    named = {m.group(1) for m in _KEY.finditer(text) if not _FILE.search(m.group(1))}
+    return sorted(named - known)
+
+
+@pytest.mark.parametrize("path", PROSE, ids=lambda p: str(p.relative_to(REPO)))
+def test_docs_name_only_config_keys_that_exist(path):
+    keys = set(re.findall(r"^\| `([\w.]+)` \|", config_reference(), re.MULTILINE))
+    assert config_key_problems(path.read_text(), keys) == []
+    assert config_key_problems("`train.lr` `train.lora` `train.lr_max: 1` `eval.json`", keys) == [
+        "train.lr_max"
+    ]
 
 
 def _named_tests(text: str) -> list[tuple[str, str]]:
