@@ -1,7 +1,7 @@
-"""The config reference in README.md, generated from the schema so the two cannot drift.
+"""The config reference in docs/config.md, generated from the schema so the two cannot drift.
 
 python -m cluster.docs            # print the reference
-python -m cluster.docs --write    # rewrite the README section between the markers
+python -m cluster.docs --write    # rewrite the docs/config.md section between the markers
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pydantic_core import PydanticUndefined
 
 from cluster.config import RaylmConfig
 
-__all__ = ["config_reference", "update_readme"]
+__all__ = ["DOC", "END", "START", "config_reference", "update_doc"]
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 
 def _type_name(annotation) -> str:
@@ -53,11 +53,13 @@ def config_reference() -> str:
     return "\n".join(lines + _rows(RaylmConfig, ""))
 
 
-def update_readme(path: Path = README) -> bool:
-    """Rewrite the generated section; returns True if the file changed."""
+def update_doc(path: Path = DOC) -> bool:
+    """Rewrite the generated section between the markers; returns True if the file changed."""
     text = path.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
+    head, start, rest = text.partition(START)
+    _, end, tail = rest.partition(END)
+    if not (start and end):
+        raise ValueError(f"{path}: no {START} ... {END} section to rewrite")
     new = f"{head}{START}\n{config_reference()}\n{END}{tail}"
     if new != text:
         path.write_text(new)
@@ -66,6 +68,7 @@ def update_readme(path: Path = README) -> bool:
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        print("README updated" if update_readme() else "README already current")
+        where = DOC.relative_to(DOC.parent.parent)
+        print(f"{where} updated" if update_doc() else f"{where} already current")
     else:
         print(config_reference())

@@ -55,7 +55,7 @@ class DedupConfig(_Section):
         2,
         ge=1,
         le=256,
-        description="Hash-partitioned dedup actors holding one 16-byte hash per document.",
+        description="Hash-partitioned dedup actors, each holding one 8-byte key per kept document.",
     )
 
 

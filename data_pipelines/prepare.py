@@ -3,9 +3,9 @@
 Ray edge of the data stage. The flow, streaming end to end:
 
     read_binary_files (one row per shard, sorted by path)
-      -> parse_and_clean   (tasks: line-level parse, normalize, PII, length filter, hash, split)
-      -> mark_duplicates   (tasks calling hash-partitioned DedupShard actors)
-      -> TokenizeBatch     (actor pool, tokenizer loaded once per actor)
+      -> ProcessShards     (actor pool of data.num_actors, one shard at a time: line-level parse,
+                            normalize, PII, length filter, hash, split; mark_duplicates against
+                            hash-partitioned DedupShard actors; TokenizeBatch)
       -> driver: tally rejections, pack sequentially, write fixed-size parquet shards
 
 Ray Data runs with ``preserve_order`` so documents reach the packer in (shard path, line) order

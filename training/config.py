@@ -30,7 +30,7 @@ class _Section(BaseModel):
 # Llama-style shapes. vocab_size comes from the tokenizer unless `model.vocab_size` is set.
 # Other counts below assume a 32k vocabulary with tied embeddings.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
-    # ~0.4M params at a 4k vocabulary: unit and integration tests on 2 CPU cores.
+    # ~0.4M params at a 4k vocabulary: the tests and the quickstart, on 2 CPU cores.
     "tiny": dict(
         hidden_size=64,
         num_layers=2,
@@ -39,7 +39,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
         intermediate_size=192,
         max_position_embeddings=512,
     ),
-    # ~11M: CPU smoke runs and the quickstart.
+    # ~11M: CPU smoke runs.
     "small": dict(
         hidden_size=256,
         num_layers=4,
@@ -105,8 +105,9 @@ class ModelConfig(_Section):
     )
     init_from: str = Field(
         "",
-        description="Local HF model dir (safetensors) for continued pretraining; "
-        "its config.json wins over the shape keys above.",
+        description="Local HF dir of a Llama model (config.json model_type llama, safetensors) to "
+        "start from, for continued pretraining or fine-tuning; its config.json wins over the shape "
+        "keys above.",
     )
 
     def shape(self) -> dict[str, int]:

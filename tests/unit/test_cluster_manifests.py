@@ -2,9 +2,10 @@
 
 Ray cluster launcher YAMLs (cluster/launcher/) are checked against the cluster-config JSON schema that
 ships inside the installed `ray` package and Ray's own config preparation; KubeRay manifests
-(cluster/kuberay/) for the fields KubeRay needs; every `raylm` command they, cluster/Dockerfile and the
-READMEs run must parse with the real `raylm` parser, and every repo file they name must exist. Each
-checker returns a list of problems, so the tests below also show it catching a broken copy.
+(cluster/kuberay/) for the fields KubeRay needs; every `raylm` command they, cluster/Dockerfile, the
+READMEs and docs/ run must parse with the real `raylm` parser, every repo file they name must exist,
+and every relative link of the docs must reach a file (and heading). Each checker returns a list of
+problems, so the tests below also show it catching a broken copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -29,13 +31,16 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHERS = sorted((REPO / "cluster" / "launcher").glob("*.yaml"))
 KUBERAY = REPO / "cluster" / "kuberay"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
-DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
+# Every Markdown file a reader follows: the READMEs and docs/ (per-command detail, config reference).
+DOCS = [REPO / "README.md", REPO / "cluster" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHARED_MOUNT = "/mnt/raylm"
 
 # Programs whose lines in a YAML comment are commands (checked like shell), not prose.
 _PROGRAMS = {"ray", "raylm", "kubectl", "docker", "helm", "serve", "curl", "export", "cd"}
 _SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")"}
-_REPO_PATH = re.compile(r"^(cluster|configs|serving|training|data_pipelines|tests)/[\w./-]*\w$")
+_REPO_PATH = re.compile(
+    r"^(cluster|configs|serving|training|data_pipelines|tests|docs|bench)/[\w./-]*\w$"
+)
 _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 
 
@@ -586,15 +591,54 @@ def doc_subcommand_problems(markdown: str) -> list[str]:
     ]
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def link_problems(doc: Path) -> list[str]:
+    """Relative links `[text](path#anchor)` of a Markdown file whose file or heading is missing."""
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if re.match(r"^[a-z]+:", target):  # http(s):, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if not dest.exists():
+            problems.append(f"{doc.relative_to(REPO)}: link {target}: no such file")
+        elif anchor and dest.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", dest.read_text(), re.MULTILINE)
+            if anchor not in {_slug(h) for h in headings}:
+                problems.append(f"{doc.relative_to(REPO)}: link {target}: no such heading")
+    return problems
+
+
+def test_docs_cover_the_docs_folder_and_readme_links_each():
+    names = {str(p.relative_to(REPO)) for p in DOCS}
+    assert {"docs/config.md", "docs/guarantees.md", "docs/train.md", "docs/serve.md"} <= names
+    readme = (REPO / "README.md").read_text()
+    for path in DOCS[2:]:
+        assert f"({path.relative_to(REPO)}" in readme, f"README.md does not link {path.name}"
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_docs_run_only_real_raylm_subcommands(path):
     assert doc_subcommand_problems(path.read_text()) == []
 
 
-def test_cluster_readme_commands_parse_and_name_existing_files():
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_doc_commands_parse_and_name_existing_files(path):
+    text = path.read_text()
+    assert [p for block in code_blocks(text) for p in command_problems(block)] == []
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_doc_links_reach_existing_files_and_headings(path):
+    assert link_problems(path) == []
+
+
+def test_cluster_readme_shows_every_stage():
     text = (REPO / "cluster" / "README.md").read_text()
-    problems = [p for block in code_blocks(text) for p in command_problems(block)]
-    assert problems == []
     commands = [
         " ".join(argv[:2])
         for b in code_blocks(text)
@@ -624,3 +668,21 @@ def test_doc_checks_catch_drift():
     (problem,) = command_problems("raylm export runs/x --out y --dtype fp8")
     assert "argument --dtype: invalid choice: 'fp8'" in problem
     assert command_problems("raylm data prepare configs/quickstart.yaml") == []
+    assert (
+        _slug("SIGTERM (spot preemption, `ray job stop`)") == "sigterm-spot-preemption-ray-job-stop"
+    )
+
+
+def test_link_check_catches_broken_links(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n## `raylm train`\n")
+    doc = tmp_path / "README.md"
+    doc.write_text(
+        "[ok](docs/a.md#raylm-train) [web](https://x.org/y) [self](#top)\n# Top\n"
+        "[gone](docs/b.md) [heading](docs/a.md#raylm-serve)\n"
+    )
+    assert link_problems(doc) == [
+        "README.md: link docs/b.md: no such file",
+        "README.md: link docs/a.md#raylm-serve: no such heading",
+    ]
