@@ -38,11 +38,10 @@ def engine_generate(engine: Any, concurrency: int, progress: bool = False) -> Ge
     """
     from tqdm import tqdm
 
-    from serving.openai_api import END_OF_TURN_TOKENS
+    from data_pipelines.chat import end_of_turn_ids
     from serving.sampling import SamplingParams
 
-    vocab = engine.tokenizer.get_vocab()
-    stop_ids = tuple(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    stop_ids = end_of_turn_ids(engine.tokenizer)
 
     def generate(conversations: list[Messages], max_new_tokens: int) -> list[str]:
         prompts = [chat_prompt_ids(engine.tokenizer, m) for m in conversations]

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from data_pipelines.chat import end_of_turn_ids
 from serving.backend import (
     Backend,
     EngineOverloaded,
@@ -50,11 +51,6 @@ from serving.protocol import (
 __all__ = ["ApiSettings", "ModelProvider", "StaticModels", "build_openai_app", "load_api_keys"]
 
 log = logging.getLogger("raylm.serving.api")
-
-# Tokens that end an assistant turn in common chat templates; used as stop ids for chat requests
-# when the tokenizer knows them (the export also lists its end-of-turn id in generation_config).
-END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
-
 
 class ModelProvider(Protocol):
     """Names the served models and hands out a ready backend for one of them."""
@@ -239,11 +235,6 @@ def _chat_prompt(tokenizer: Any, req: ChatRequest) -> list[int]:
             400, f"The chat template rejected the messages: {exc}", param="messages"
         ) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
-    vocab = tokenizer.get_vocab()
-    return tuple(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
 
 
 def _submit_all(
@@ -508,7 +499,7 @@ async def _chat(
     )
     max_tokens = _budget(backend, len(ids), requested, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    stop_ids = () if req.ignore_eos else _end_of_turn_ids(tok)
+    stop_ids = () if req.ignore_eos else end_of_turn_ids(tok)
     jobs = [(ids, sampling_params(req, max_tokens, k, j, stop_ids)) for j in range(req.n)]
     streams = _submit_all(backend, jobs, settings)
     rid = new_id("chatcmpl")
