@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from training.batch import document_causal_mask, loss_targets, token_loss  # noqa: E402
+from training.batch import forward_packed, loss_targets, token_loss  # noqa: E402
 from training.config import ModelConfig  # noqa: E402
 from training.data import MixedRows, dataset_info  # noqa: E402
 from training.model import build_model  # noqa: E402
@@ -47,8 +47,7 @@ def _step(model: Any, opt: torch.optim.Optimizer, micro_batches: list[dict], pad
             contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         )
         with sync:
-            mask = document_causal_mask(pos, torch.float32)
-            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+            logits = forward_packed(model, ids, pos)
             total, count = token_loss(logits, loss_targets(ids, pos, pad_id))
             (total / count.clamp(min=1) / len(micro_batches)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -172,9 +172,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from training.export import export
 
     try:
+        cfg = load_config(None, args.overrides)
         out = export(args.run_or_checkpoint, args.out, dtype=args.dtype,
-                     adapter_only=args.adapter_only)  # fmt: skip
-    except (CheckpointError, OSError, ValueError) as exc:  # OSError: also S3 access
+                     adapter_only=args.adapter_only,
+                     max_shard_size=cfg.train.export_max_shard_size)  # fmt: skip
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: also S3 access; ConfigError
         print(f"raylm export: {exc}", file=sys.stderr)
         return 1
     print(f"raylm export: wrote {out}")
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype in model.safetensors (default fp32)")  # fmt: skip
     p.add_argument("--adapter-only", action="store_true",
                    help="LoRA runs: write the adapter alone (peft format), not the merged model")  # fmt: skip
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config keys export reads, e.g. train.export_max_shard_size=2GB")  # fmt: skip
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("doctor", help="cluster preflight checks, one line each with the fix")
     _add_config_args(p)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cluster.memory import GIB, MemoryEstimate, ModelShape, estimate_memory, param_counts
+from cluster.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
 
 if TYPE_CHECKING:
     from cluster.config import RaylmConfig
@@ -194,13 +194,17 @@ def _memory_fix(use_gpu: bool) -> str:
 
 
 def memory_estimate_for(cfg: RaylmConfig) -> MemoryEstimate:
-    """The estimate for a config (vocabulary: model.vocab_size, else tokenizer.vocab_size)."""
-    shape = _model_shape(cfg)
-    lora = cfg.train.lora
-    total, trainable = param_counts(
-        shape, lora.rank if lora.enabled else 0, tuple(lora.target_modules),
-        tuple(lora.modules_to_save),
-    )  # fmt: skip
+    """The estimate for a config (vocabulary: model.vocab_size, else tokenizer.vocab_size), with
+    parameters counted on a meta-device instance of the real architecture."""
+    from training.lora import lora_param_counts
+    from training.model import hf_config, meta_model, model_stats
+
+    conf = hf_config(cfg.model, cfg.model.vocab_size or cfg.tokenizer.vocab_size)
+    stats = model_stats(conf)
+    total = trainable = stats.total_params
+    if cfg.train.lora.enabled:
+        total, trainable = lora_param_counts(meta_model(conf), cfg.train.lora)
+    shape = ModelShape(stats.vocab_size, stats.hidden_size, stats.num_layers, stats.num_heads)
     return estimate_memory(
         total, trainable, shape, world_size=cfg.scaling.num_workers,
         zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
@@ -209,22 +213,6 @@ def memory_estimate_for(cfg: RaylmConfig) -> MemoryEstimate:
         offload_optimizer=cfg.deepspeed.offload_optimizer,
         offload_params=cfg.deepspeed.offload_params,
     )  # fmt: skip
-
-
-def _model_shape(cfg: RaylmConfig) -> ModelShape:
-    vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    if cfg.model.init_from:
-        from training.model import load_hf_config
-
-        c = load_hf_config(cfg.model.init_from)
-        return ModelShape(c.vocab_size, c.hidden_size, c.num_hidden_layers,
-                          c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads,
-                          c.intermediate_size, getattr(c, "head_dim", None),
-                          bool(c.tie_word_embeddings))  # fmt: skip
-    s = cfg.model.shape()
-    return ModelShape(vocab, s["hidden_size"], s["num_layers"], s["num_heads"],
-                      s["num_kv_heads"], s["intermediate_size"],
-                      tie_word_embeddings=cfg.model.tie_word_embeddings)  # fmt: skip
 
 
 def _seq_len(cfg: RaylmConfig) -> int:

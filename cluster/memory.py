@@ -23,56 +23,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GIB", "MemoryEstimate", "ModelShape", "estimate_memory", "human_bytes", "param_counts"]
+__all__ = ["GIB", "MemoryEstimate", "ModelShape", "estimate_memory", "human_bytes"]
 
 GIB = 1024**3
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the estimate needs of a Llama-style decoder."""
+    """What the activation estimate needs of a decoder (parameter counts come separately, from
+    the real architecture: ``training.model.model_stats``)."""
 
     vocab_size: int
     hidden_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    head_dim: int | None = None  # default hidden_size // num_heads
-    tie_word_embeddings: bool = True
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection in one decoder layer."""
-        h, d = self.hidden_size, self.head_dim or self.hidden_size // self.num_heads
-        q, kv, inter = self.num_heads * d, self.num_kv_heads * d, self.intermediate_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
-
-
-def param_counts(
-    shape: ModelShape,
-    lora_rank: int = 0,
-    lora_targets: tuple[str, ...] = (),
-    modules_to_save: tuple[str, ...] = (),
-) -> tuple[int, int]:
-    """(total, trainable) parameters of ``LlamaForCausalLM`` (no biases), LoRA adapters included."""
-    h, v = shape.hidden_size, shape.vocab_size
-    linears = shape.linear_shapes()
-    per_layer = sum(i * o for i, o in linears.values()) + 2 * h  # + input/post-attention RMSNorm
-    embed = v * h
-    head = 0 if shape.tie_word_embeddings else v * h
-    base = embed + shape.num_layers * per_layer + h + head  # + final norm
-    if lora_rank <= 0:
-        return base, base
-    # Each adapted projection (in, out) gains A: r x in and B: out x r.
-    adapters = shape.num_layers * sum(
-        lora_rank * (i + o) for name, (i, o) in linears.items() if name in lora_targets
-    )
-    saved = (embed if "embed_tokens" in modules_to_save else 0) + (
-        (head or embed) if "lm_head" in modules_to_save else 0
-    )
-    return base + adapters, adapters + saved
 
 
 @dataclass(frozen=True)

@@ -459,6 +459,7 @@ def _manifest(cfg: DataConfig, plan: Plan, tally: _Tally, writers, tok, pad_id, 
     output = Path(cfg.output)
     return build_manifest(
         mode=cfg.mode,
+        packed=cfg.mode == "pretrain" or cfg.sft.pack,  # several documents per row
         documents_read=tally.read,
         documents_kept=tally.kept,
         rejected=dict(sorted(tally.rejected.items())),

@@ -52,6 +52,7 @@ __all__ = ["ApiSettings", "ModelProvider", "StaticModels", "build_openai_app", "
 
 log = logging.getLogger("raylm.serving.api")
 
+
 class ModelProvider(Protocol):
     """Names the served models and hands out a ready backend for one of them."""
 

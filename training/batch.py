@@ -1,16 +1,18 @@
-"""Pure tensor helpers for packed rows: per-document attention mask, loss targets, token loss.
+"""Pure tensor helpers for packed rows: the packed forward, loss targets, token loss.
 
 No ray, no deepspeed: unit-tested on the tiny model.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "IGNORE_INDEX",
-    "document_causal_mask",
+    "forward_packed",
     "loss_targets",
     "padding_mask",
     "token_loss",
@@ -19,22 +21,18 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-def document_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask (batch, 1, seq, seq): 0 where query i may attend key j, dtype-min elsewhere.
+def forward_packed(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, vocab) logits of packed rows, each document attending only to itself.
 
-    A packed row holds several documents whose ``position_ids`` restart at 0; token i may attend
-    j iff j <= i and both lie in the same document (document index = number of 0s up to and
-    including the token). transformers passes a 4D mask through unchanged to sdpa and eager
-    attention, so a document inside a packed row sees exactly what it would see alone. An
-    additive float mask (not bool) works for both kernels. Memory: batch x seq^2 x dtype bytes.
+    A packed row holds several documents whose ``position_ids`` restart at 0. Given those and no
+    attention mask, transformers (``masking_utils``) finds the documents and builds each layer's
+    own mask from them: causal per document, sliding-window layers (Mistral, Gemma, Qwen) keeping
+    their window, a varlen call under flash-attention instead of a dense mask. A dense 4D mask
+    would pass through unchanged and silently drop the windows; an all-ones 2D mask would turn
+    the detection off, and so would a KV cache (``use_cache=False``: an exported model's config
+    asks for one). The padding tail restarts at 0 too, so it is a document of its own.
     """
-    doc = (position_ids == 0).cumsum(dim=-1)  # (B, S) document index per token
-    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, S, S)
-    seq = position_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril_()
-    allowed = (same_doc & causal)[:, None]  # (B, 1, S, S)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
 def padding_mask(input_ids: torch.Tensor, position_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

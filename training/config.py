@@ -27,8 +27,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Llama-style shapes. vocab_size comes from the tokenizer unless `model.vocab_size` is set.
-# Other counts below assume a 32k vocabulary with tied embeddings.
+# Decoder shapes, mapped onto `model.architecture`'s config (training.model). vocab_size comes from
+# the tokenizer unless `model.vocab_size` is set. Counts below: Llama with a 32k vocabulary, tied.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     # ~0.4M params at a 4k vocabulary: the tests and the quickstart, on 2 CPU cores.
     "tiny": dict(
@@ -76,11 +76,19 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
 class ModelConfig(_Section):
     """The decoder-only model: a named preset, explicit overrides, or a local HF dir."""
 
+    architecture: Literal["llama", "mistral", "qwen2", "qwen3", "gpt2"] = Field(
+        "llama",
+        description="transformers family of a from-scratch model; the preset's shape is mapped "
+        "onto its config (gpt2: no grouped-query attention). Ignored with init_from.",
+    )
     preset: Literal["tiny", "small", "125m", "350m", "1b"] = Field(
-        "tiny", description="Named Llama-style shape; the keys below override single dimensions."
+        "tiny", description="Named decoder shape; the keys below override single dimensions."
     )
     hidden_size: int | None = Field(None, ge=8, description="Model width (overrides the preset).")
     num_layers: int | None = Field(None, ge=1, description="Decoder layers (overrides the preset).")
@@ -100,14 +108,23 @@ class ModelConfig(_Section):
     tie_word_embeddings: bool = Field(True, description="Share input and output embeddings.")
     rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel; both take the 4D per-document mask."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = (
+        Field(
+            "auto",
+            description="Attention kernel; auto: the model's transformers default (sdpa where the "
+            "family supports it). Packed documents are kept apart by position_ids with each.",
+        )
     )
     init_from: str = Field(
         "",
-        description="Local HF dir of a Llama model (config.json model_type llama, safetensors) to "
-        "start from, for continued pretraining or fine-tuning; its config.json wins over the shape "
-        "keys above.",
+        description="Local HF dir of a causal LM that AutoModelForCausalLM loads (config.json, "
+        "safetensors weights, single or sharded) to start from, for continued pretraining or "
+        "fine-tuning; its config.json wins over architecture and the shape keys above.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow an init_from dir whose model_type transformers does not know to run "
+        "the modelling code shipped in the dir (auto_map). Only for code you trust.",
     )
 
     def shape(self) -> dict[str, int]:
@@ -145,14 +162,17 @@ class LoraConfig(_Section):
     rank: int = Field(8, ge=1, description="Adapter rank r.")
     alpha: float = Field(16.0, gt=0, description="Adapter updates are scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names (suffixes) that get adapters, e.g. q_proj, up_proj, down_proj.",
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: all-linear (peft's: every linear and GPT-2 "
+        "Conv1D layer except the output head; covers fused projections such as qkv_proj), or "
+        "module names (suffixes), e.g. [q_proj, v_proj].",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, "
-        "lm_head when the tokenizer grew).",
+        description="Modules trained in full and saved with the adapter. When the tokenizer "
+        "outgrows the base vocabulary, the input embedding and an untied output head are added "
+        "(found through the model, whatever the family names them).",
     )
 
 
@@ -254,6 +274,13 @@ class TrainConfig(_Section):
     )
     export_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Weight dtype of the export at the end of the run."
+    )
+    export_max_shard_size: str = Field(
+        "50GB",
+        pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$",
+        description="Largest safetensors file of the export; above it the weights are sharded "
+        "with model.safetensors.index.json (as save_pretrained; `raylm export` takes "
+        "--set train.export_max_shard_size=...).",
     )
 
     @field_validator("datasets", mode="before")

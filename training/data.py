@@ -53,6 +53,7 @@ class DatasetInfo:
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> absolute parquet paths
     has_labels: bool = False
     tokenizer_fingerprint: str = ""
+    packed: bool = True  # rows may hold several documents (older manifests: assumed)
 
 
 def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
@@ -85,6 +86,7 @@ def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
         rows=rows,
         files=files,
         has_labels=has_labels,
+        packed=bool(manifest.get("packed", True)),
     )
 
 

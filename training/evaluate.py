@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from training.batch import document_causal_mask, loss_targets, token_loss
+from training.batch import forward_packed, loss_targets, token_loss
 from training.config import EvalConfig
 from training.data import DatasetInfo, dataset_info
 from training.errors import TrainConfigError
@@ -339,7 +339,6 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
     t0 = time.perf_counter()
     info = data.info
     pad_id = info.pad_token_id if info.pad_token_id is not None else -1
-    dtype = getattr(torch, plan.dtype)
     total, count, rows = 0.0, 0, 0
     for batch in _validation_batches(info, plan.cfg.batch_size, plan.cfg.perplexity_rows):
         t = {k: torch.from_numpy(v).to(plan.device) for k, v in batch.items()}
@@ -348,9 +347,7 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
             raise EvalError(f"{data.key}: {data.path}: token id {top} is outside the model's "
                             f"vocab_size {plan.vocab_size} (eval.model)")  # fmt: skip
         targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t.get("labels"))
-        mask = document_causal_mask(t["position_ids"], dtype)  # (B, 1, S, S) per-document causal
-        out = model(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
-        s, c = token_loss(out.logits, targets)
+        s, c = token_loss(forward_packed(model, t["input_ids"], t["position_ids"]), targets)
         total += float(s)  # host sync per batch: fine for eval, keeps the sum in float64
         count += int(c)
         rows += len(batch["input_ids"])

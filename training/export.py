@@ -4,9 +4,12 @@ Runs on one CPU process, without the original world size: ZeRO-1/2/3 shards are 
 DeepSpeed's ``zero_to_fp32`` (pure CPU), ZeRO-0 keeps the whole module in one file. The
 checkpoint's integrity manifest is verified first, because both paths unpickle DeepSpeed files.
 
-The output holds ``config.json`` (with ``torch_dtype``), ``model.safetensors`` (a tied output
-embedding is stored once), the run's tokenizer files with their chat template,
-``generation_config.json`` (eos ids include the end-of-turn token) and ``provenance.json``.
+The output is the trained model's own family (same ``model_type`` and config class, tied or untied
+head as trained): ``config.json`` (with ``torch_dtype``), ``model.safetensors`` or shards with
+``model.safetensors.index.json`` above ``max_shard_size`` (written by ``save_pretrained``, which
+stores a tied head once), the run's tokenizer files with their chat template,
+``generation_config.json`` (the base model's when there is one; eos ids include the chat
+template's end-of-turn token) and ``provenance.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from data_pipelines.tokenizer_train import END_OF_TURN
+from data_pipelines.chat import end_of_turn_token
 from training.checkpoint import (
     HF_CONFIG_NAME,
     STATE_NAME,
@@ -94,26 +97,58 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return dict(states["module"])
 
 
-def _model_tensors(
-    sd: dict[str, torch.Tensor], conf: Any, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Check names and shapes against the architecture; cast; drop a tied ``lm_head``."""
-    from transformers import LlamaForCausalLM
+def _checkpoint_config(ckpt: Path, state: TrainState) -> Any:
+    """The trained model's transformers config, as the worker saved it (its own config class)."""
+    from transformers import CONFIG_MAPPING
 
-    with torch.device("meta"):  # shapes only, no memory
-        expected = {k: v.shape for k, v in LlamaForCausalLM(conf).state_dict().items()}
-    tied = bool(conf.tie_word_embeddings)
-    if tied:
-        expected.pop("lm_head.weight", None)
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
+    raw = json.loads((ckpt / HF_CONFIG_NAME).read_text(encoding="utf-8"))
+    mtype = raw.get("model_type")
+    if mtype in CONFIG_MAPPING:
+        return CONFIG_MAPPING[mtype].from_dict(raw)
+    base = str(state.resume_keys.get("model.init_from") or "")
+    if not state.provenance.get("trust_remote_code") or not base:
+        raise CheckpointError(f"{ckpt}: model_type {mtype!r} is unknown to transformers")
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(base, trust_remote_code=True, local_files_only=True)
+    return conf.__class__.from_dict(raw)
+
+
+def _save_model(
+    sd: dict[str, torch.Tensor],
+    conf: Any,
+    dtype: torch.dtype,
+    out: Path,
+    max_shard_size: str,
+    generation: Any,
+) -> None:
+    """Load ``sd`` into the config's architecture (names and shapes checked) and save it with
+    ``save_pretrained``: safetensors, a tied head stored once, shards above ``max_shard_size``."""
+    from training.model import meta_model
+
+    model = meta_model(conf)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    kept = {n for n, _ in model.named_parameters()}  # a shared tensor under its first name
+    head = next((n for n, p in model.named_parameters(remove_duplicate=False)
+                 if tied and p is out_emb.weight and n not in kept), None)  # fmt: skip
+    # clone: zero_to_fp32 returns views of one flat buffer, which safetensors refuses to save.
+    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in sorted(sd.items())}
+    if head is not None:
+        tensors.pop(head, None)  # the tied duplicate: the input embedding carries it
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != head}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(tensors) & set(expected)
+                   if tuple(tensors[k].shape) != tuple(expected[k]))  # fmt: skip
     if missing or unexpected or wrong:
         raise CheckpointError(f"checkpoint does not fit its model config: missing {missing}, "
                               f"unexpected {unexpected}, wrong shape {wrong}")  # fmt: skip
-    # clone: zero_to_fp32 returns views of one flat buffer, which safetensors refuses to save.
-    return {k: v.detach().to(dtype).contiguous().clone() for k, v in sorted(sd.items())}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        model.tie_weights()  # assign replaced the shared parameter: share it again
+    model.generation_config = generation  # save_pretrained writes it next to the weights
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
 
 
 def _tokenizer_source(ckpt: Path, state: TrainState) -> Path:
@@ -125,23 +160,32 @@ def _tokenizer_source(ckpt: Path, state: TrainState) -> Path:
                           f"{state.provenance.get('tokenizer_path')!r})")  # fmt: skip
 
 
-def _write_tokenizer_and_generation(tok_src: Path, out: Path, conf: Any) -> dict[str, Any]:
+def _write_tokenizer_and_generation(tok_src: Path, out: Path, conf: Any, base: str = "") -> Any:
+    """Tokenizer files (with the chat template) and ``generation_config.json``: the base model's
+    own when it has one (sampling defaults, stop tokens), its eos ids merged with the tokenizer's
+    eos and the chat template's end-of-turn token, so chat replies stop at the end of the turn."""
     from transformers import AutoTokenizer, GenerationConfig
 
     tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True)
     tok.save_pretrained(str(out))  # tokenizer files and the chat template
     if not tok.chat_template:
         log.warning("%s has no chat template; apply_chat_template will fail on the export", tok_src)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    end = tok.convert_tokens_to_ids(END_OF_TURN) if END_OF_TURN in tok.get_vocab() else None
-    if end is not None and end not in eos:
-        eos.append(end)  # chat replies stop at the end of the assistant turn
-    ids = {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-           "eos_token_id": eos[0] if len(eos) == 1 else eos or None}  # fmt: skip
-    GenerationConfig(**ids).save_pretrained(str(out))
-    conf.bos_token_id, conf.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    gen = GenerationConfig()
+    if base and (Path(base) / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(base, local_files_only=True)
+    old = gen.eos_token_id
+    eos = list(old) if isinstance(old, list | tuple) else ([] if old is None else [old])
+    end = end_of_turn_token(tok)
+    for extra in (tok.eos_token_id, tok.convert_tokens_to_ids(end) if end else None):
+        if extra is not None and extra not in eos:
+            eos.append(extra)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos or None
+    gen.bos_token_id = tok.bos_token_id if tok.bos_token_id is not None else gen.bos_token_id
+    gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else gen.pad_token_id
+    gen.save_pretrained(str(out))
+    conf.bos_token_id, conf.pad_token_id = gen.bos_token_id, gen.pad_token_id
     conf.eos_token_id = tok.eos_token_id
-    return ids
+    return gen
 
 
 def _provenance(ckpt: Path, state: TrainState, dtype: str, origin: str = "") -> dict[str, Any]:
@@ -175,7 +219,7 @@ def _lora_model(ckpt: Path, state: TrainState, conf: Any, sd: dict[str, torch.Te
     """The run's frozen base (``model.init_from``, safetensors) with the trained adapter on it."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from training.model import causal_lm_class
 
     base = str(state.resume_keys.get("model.init_from") or "")
     if not base or not Path(base).is_dir():
@@ -184,9 +228,12 @@ def _lora_model(ckpt: Path, state: TrainState, conf: Any, sd: dict[str, torch.Te
     # tokenizer with added tokens; the base is grown the same way before the adapter goes on (its
     # modules_to_save tensors already have the new rows).
     base_conf = copy.deepcopy(conf)
-    base_conf.vocab_size = LlamaConfig.from_pretrained(base).vocab_size
-    model = LlamaForCausalLM.from_pretrained(base, config=base_conf, dtype=torch.float32,
-                                             use_safetensors=True, local_files_only=True)  # fmt: skip
+    base_conf.vocab_size = json.loads((Path(base) / "config.json").read_text())["vocab_size"]
+    remote = bool(state.provenance.get("trust_remote_code"))
+    model = causal_lm_class(conf).from_pretrained(
+        base, config=base_conf, dtype=torch.float32, use_safetensors=True, local_files_only=True,
+        trust_remote_code=remote,
+    )  # fmt: skip
     if conf.vocab_size > base_conf.vocab_size:
         model.resize_token_embeddings(conf.vocab_size, mean_resizing=False)
     try:
@@ -207,6 +254,7 @@ def export(
     dtype: str = "fp32",
     adapter_only: bool = False,
     filesystem: Any = None,
+    max_shard_size: str = "50GB",
 ) -> Path:
     """Export ``src`` (run dir or checkpoint dir, local or ``s3://``) to ``out``; returns ``out``.
 
@@ -222,26 +270,33 @@ def export(
 
         fs = filesystem or s3_filesystem(parse_s3(str(src)))
         with fetch_checkpoint(str(src), fs) as (ckpt, state, origin):
-            return _export(ckpt, state, Path(out), dtype, adapter_only, origin)
+            return _export(ckpt, state, Path(out), dtype, adapter_only, max_shard_size, origin)
     ckpt, state = find_checkpoint(src)
-    return _export(ckpt, state, Path(out), dtype, adapter_only)
+    return _export(ckpt, state, Path(out), dtype, adapter_only, max_shard_size)
 
 
 def _export(
-    ckpt: Path, state: TrainState, out: Path, dtype: str, adapter_only: bool, origin: str = ""
+    ckpt: Path,
+    state: TrainState,
+    out: Path,
+    dtype: str,
+    adapter_only: bool,
+    max_shard_size: str,
+    origin: str = "",
 ) -> Path:
     """The export of one verified checkpoint dir (its run's tokenizer next to it or recorded)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
     if not (ckpt / HF_CONFIG_NAME).is_file():
         raise CheckpointError(f"{ckpt}: no {HF_CONFIG_NAME} (written by raylm train)")
     lora = (ckpt / ADAPTER_CONFIG_NAME).is_file()
     if adapter_only and not lora:
         raise CheckpointError(f"--adapter-only: {ckpt} is not from a LoRA run (train.lora)")
     tmp = _prepare_out(out)
-    conf = LlamaConfig.from_json_file(str(ckpt / HF_CONFIG_NAME))
+    conf = _checkpoint_config(ckpt, state)
     sd = consolidated_state_dict(ckpt)
+    base = str(state.resume_keys.get("model.init_from") or "")
+    gen = _write_tokenizer_and_generation(_tokenizer_source(ckpt, state), tmp, conf, base)
+    conf.use_cache = True  # training turned the KV cache off; generation wants it
+    conf.dtype = _DTYPES[dtype]
     if lora:
         peft_model = _lora_model(ckpt, state, conf, sd)
         if adapter_only:
@@ -249,13 +304,7 @@ def _export(
         else:
             sd = peft_model.merge_and_unload().state_dict()
     if not adapter_only:
-        tensors = _model_tensors(sd, conf, _DTYPES[dtype])
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _write_tokenizer_and_generation(_tokenizer_source(ckpt, state), tmp, conf)
-    conf.use_cache = True  # training turned the KV cache off; generation wants it
-    conf.dtype = _DTYPES[dtype]
-    if not adapter_only:
-        conf.save_pretrained(str(tmp))
+        _save_model(sd, conf, _DTYPES[dtype], tmp, max_shard_size, gen)
         _add_torch_dtype(tmp / "config.json")
     prov = _provenance(ckpt, state, dtype, origin)
     if lora:

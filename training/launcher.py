@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.checkpoint import git_commit, package_versions
-from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from training.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
 from training.errors import Preempted, TrainConfigError
 from training.loop import WorkerHooks, WorkerIO, WorkerJob, run_worker
-from training.lora import check_lora_targets
-from training.model import hf_config, model_max_positions
+from training.lora import check_lora_targets, embedding_modules
+from training.model import hf_config, meta_model, model_max_positions, packing_problem
 from training.observe import driver_progress, mark_worker_warnings, resolve_trackers
 from training.preempt import driver_sigterm
 from training.records import EVENTS_NAME, METRICS_NAME, read_events
@@ -142,7 +142,8 @@ def _provenance(cfg: RaylmConfig, infos: list[DatasetInfo]) -> dict[str, Any]:
         for i in infos
     }
     return {"seed": cfg.seed, "run_name": cfg.name, "manifest_sha256": manifests,
-            "tokenizer_path": infos[0].tokenizer_path, "git_commit": git_commit()}  # fmt: skip
+            "tokenizer_path": infos[0].tokenizer_path, "git_commit": git_commit(),
+            "trust_remote_code": cfg.model.trust_remote_code}  # fmt: skip
 
 
 def _check_init_from(path: str) -> None:
@@ -154,29 +155,49 @@ def _check_init_from(path: str) -> None:
         raise TrainConfigError(f"model.init_from: {path} has no config.json (not a HF model dir)")
     if not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         raise TrainConfigError(
-            f"model.init_from: {path} has no model.safetensors (weights load from safetensors only)"
+            f"model.init_from: {path} has no model.safetensors or model.safetensors.index.json "
+            "(weights load from safetensors only)"
         )
 
 
-def _check_lora(cfg: RaylmConfig, vocab: int) -> None:
+def _check_packing(cfg: RaylmConfig, infos: list[DatasetInfo]) -> None:
+    """Packed rows need a model whose attention keeps documents apart by position_ids."""
+    packed = [i for i, info in enumerate(infos) if info.packed]
+    if not packed:
+        return
+    problem = packing_problem(hf_config(cfg.model, vocab_size=8))
+    if problem:
+        i = packed[0]
+        raise TrainConfigError(
+            f"train.datasets[{i}].path: {infos[i].path} packs several documents per row, but the "
+            f"model cannot keep them apart: {problem}; prepare it unpacked (data.mode: sft with "
+            "data.sft.pack: false)"
+        )
+
+
+def _check_lora(cfg: RaylmConfig, vocab: int) -> LoraConfig:
+    """The LoRA section with its targets checked on a meta-device model; when the tokenizer
+    outgrows the base vocabulary, the input embedding and an untied output head (as the model
+    names them) join ``modules_to_save``, or the export would carry untrained rows for the new
+    tokens."""
+    lora = cfg.train.lora
     if not cfg.model.init_from:
         raise TrainConfigError(
             "train.lora.enabled: LoRA trains adapters on a frozen base; set model.init_from"
         )
     base = hf_config(cfg.model, vocab)
-    check_lora_targets(base, cfg.train.lora)
-    if vocab > base.vocab_size:
-        # The resized rows (new tokens) must train and be saved with the adapter, or the export
-        # carries untrained embeddings for the chat template's tokens.
-        saved = cfg.train.lora.modules_to_save
-        need = ["embed_tokens"] + ([] if base.tie_word_embeddings else ["lm_head"])
-        missing = [m for m in need if not any(s.split(".")[-1] == m for s in saved)]
-        if missing:
-            raise TrainConfigError(
-                f"train.lora.modules_to_save: the tokenizer ({vocab}) outgrows the base "
-                f"vocabulary ({base.vocab_size}), so the resized embeddings must train: add "
-                f"{missing} (now {list(saved)})"
-            )
+    model = meta_model(base)
+    check_lora_targets(model, lora)
+    if vocab <= base.vocab_size:
+        return lora
+    embed, head = embedding_modules(model)
+    saved = list(lora.modules_to_save)
+    added = [m for m in (embed, head) if m and not any(s.split(".")[-1] == m for s in saved)]
+    if added:
+        log.warning("train.lora.modules_to_save: the tokenizer (%d) outgrows the base vocabulary "
+                    "(%d); %s train in full and are saved with the adapter", vocab,
+                    base.vocab_size, added)  # fmt: skip
+    return lora.model_copy(update={"modules_to_save": saved + added})
 
 
 def plan_job(cfg: RaylmConfig) -> WorkerJob:
@@ -185,14 +206,16 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
         _check_init_from(cfg.model.init_from)
     infos = _datasets(cfg)
     seq_len = infos[0].seq_len
+    _check_packing(cfg, infos)
     max_pos = model_max_positions(cfg.model)
-    if seq_len > max_pos:
+    if max_pos is not None and seq_len > max_pos:
         raise TrainConfigError(
             f"model.max_position_embeddings: {max_pos} is below the dataset seq_len {seq_len}"
         )
     vocab, pad = _vocab_and_pad(cfg, infos)
-    if cfg.train.lora.enabled:
-        _check_lora(cfg, vocab)
+    train_cfg = cfg.train
+    if train_cfg.lora.enabled:
+        train_cfg = train_cfg.model_copy(update={"lora": _check_lora(cfg, vocab)})
     world = cfg.scaling.num_workers
     plan = batch_plan(cfg.train.global_batch_tokens, seq_len, cfg.train.micro_batch_size, world)
     if cfg.train.nonfinite == "skip" and cfg.deepspeed.zero_stage == 0:
@@ -208,12 +231,13 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
     # Raises for fp16 without CUDA; the workers build the same dict.
     build_ds_config(cfg.train, cfg.deepspeed, seq_len=seq_len, world_size=world, total_steps=total,
                     use_gpu=cfg.scaling.use_gpu, cuda_available=cfg.scaling.use_gpu)  # fmt: skip
-    resume_keys = {"model.shape": cfg.model.shape(), "model.init_from": cfg.model.init_from,
+    resume_keys = {"model.architecture": cfg.model.architecture, "model.shape": cfg.model.shape(),
+                   "model.init_from": cfg.model.init_from,
                    "model.vocab_size": vocab, "seq_len": seq_len,
                    "train.global_batch_tokens": cfg.train.global_batch_tokens,
                    "scaling.num_workers": world}  # fmt: skip
-    if cfg.train.lora.enabled:  # adapters of another shape cannot load
-        resume_keys["train.lora"] = cfg.train.lora.model_dump(mode="json")
+    if train_cfg.lora.enabled:  # adapters of another shape cannot load
+        resume_keys["train.lora"] = train_cfg.lora.model_dump(mode="json")
     # What training reads: a changed serve port or eval task list is not a different run.
     trained = cfg.model_dump(mode="json", include={"name", "seed", "model", "train", "deepspeed",
                                                    "scaling"})  # fmt: skip
@@ -225,7 +249,7 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
     if model.init_from:
         model = model.model_copy(update={"init_from": str(Path(model.init_from).resolve())})
     return WorkerJob(
-        model=model, train=resolve_trackers(cfg.train), deepspeed=cfg.deepspeed, seed=cfg.seed,
+        model=model, train=resolve_trackers(train_cfg), deepspeed=cfg.deepspeed, seed=cfg.seed,
         run_dir=run_uri(cfg.train.storage_path, cfg.name), datasets=infos, weights=weights,
         seq_len=seq_len, vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
@@ -402,6 +426,6 @@ def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
 
             src = run.uri if run.fs is not None else rd
             out = export(src, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype,
-                         filesystem=run.fs)  # fmt: skip
+                         filesystem=run.fs, max_shard_size=cfg.train.export_max_shard_size)  # fmt: skip
             log.info("exported %s to %s", run.uri, out)
     return result

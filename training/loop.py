@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.batch import IGNORE_INDEX, document_causal_mask, loss_targets, token_loss
+from training.batch import IGNORE_INDEX, forward_packed, loss_targets, token_loss
 from training.checkpoint import (
     HF_CONFIG_NAME,
     TrainState,
@@ -41,7 +41,7 @@ from training.data import DatasetInfo, MixedRows, validation_batches
 from training.ds_config import build_ds_config
 from training.errors import CheckpointError, NonFiniteError
 from training.lora import apply_lora
-from training.model import build_model, flops_per_token, init_parameter
+from training.model import build_model, causal_lm_class, flops_per_token, hf_config, init_parameter
 from training.observe import close_trackers, log_row
 from training.preempt import stop_reason
 from training.records import (
@@ -154,8 +154,14 @@ def _init_distributed(use_gpu: bool, world_size: int) -> None:
     # Under Ray Train the torch process group already exists; deepspeed.init_distributed then
     # only wraps it. It must still run: zero.Init reads the world size from deepspeed.comm.
     if not dist.is_initialized() and world_size == 1:  # single process without a launcher
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"),
-                           ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+        if "MASTER_PORT" not in os.environ:  # a free port: other single-process runs may be up
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                           ("WORLD_SIZE", "1")):  # fmt: skip
             os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
@@ -190,6 +196,9 @@ def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
         hf_ds = HfDeepSpeedConfig(ds_conf)  # noqa: F841
         model = build_model(job.model, job.vocab_size, dtype, ckpt)
     elif zero3:
+        # Import the family's modelling module first: importing it (and torch._dynamo with it)
+        # while zero.Init patches the tensor constructors fails.
+        causal_lm_class(hf_config(job.model, job.vocab_size, dtype))
         # collective: zero.Init partitions each parameter as it is created, so no rank ever
         # holds the full model; weights are then initialised one gathered parameter at a time.
         with deepspeed.zero.Init(config_dict_or_path=ds_conf):
@@ -335,9 +344,7 @@ def _forward_loss(
     ctx: _Ctx, t: dict[str, torch.Tensor], targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, loss-token count) of one micro-batch; input_ids/position_ids (mb, seq)."""
-    mask = document_causal_mask(t["position_ids"], ctx.dtype)
-    out = ctx.engine(input_ids=t["input_ids"], position_ids=t["position_ids"], attention_mask=mask)
-    return token_loss(out.logits, targets)
+    return token_loss(forward_packed(ctx.engine, t["input_ids"], t["position_ids"]), targets)
 
 
 def _global_loss_tokens(targets: list[torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from cluster.config import load_config
 from tests.conftest import prepare_data
-from training.batch import document_causal_mask, loss_targets, token_loss
+from training.batch import forward_packed, loss_targets, token_loss
 from training.export import export
 from training.launcher import run_dir, train
 
@@ -64,10 +64,8 @@ def _loss(model, path, pad_id: int) -> tuple[float, int]:
         t = {k: torch.tensor(np.array(table[k][start : start + 8]), dtype=torch.long)
              for k in ("input_ids", "position_ids", "labels")}  # fmt: skip
         targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t["labels"])
-        mask = document_causal_mask(t["position_ids"], torch.float32)
         with torch.no_grad():
-            logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"],
-                           attention_mask=mask).logits  # fmt: skip
+            logits = forward_packed(model, t["input_ids"], t["position_ids"])
         s, c = token_loss(logits, targets)
         total, count = total + float(s), count + int(c)
     return total, count

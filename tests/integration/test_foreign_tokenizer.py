@@ -24,7 +24,6 @@ from data_pipelines.prepare import plan_prepare, summarize
 from data_pipelines.tokenize import load_tokenizer
 from data_pipelines.tokenizer_train import CHAT_TEMPLATE, END_OF_TURN, ROLE_TOKENS
 from tests.conftest import assistant_spans, prepare_sft_data, train_and_export
-from training.errors import TrainConfigError
 from training.launcher import plan_job
 
 pytestmark = pytest.mark.timeout(600)
@@ -174,22 +173,23 @@ def test_full_sft_resizes_the_base_embeddings(foreign_sft, foreign_model, tmp_pa
     assert torch.allclose(tuned[n:], base.mean(0).expand(tok_len - n, -1), atol=1e-3)
 
 
-def test_lora_must_save_the_resized_embeddings(foreign_sft, foreign_model, tmp_path) -> None:
+def test_lora_saves_the_resized_embeddings_found_through_the_model(
+    foreign_sft, foreign_model, tmp_path
+) -> None:
     lora = ["train.lora.enabled=true", "train.lora.target_modules=[q_proj,v_proj]"]
     cfg = load_config(None, ["name=foreign-lora", f"train.storage_path={tmp_path}",
                              *_train_overrides(foreign_sft, foreign_model, *lora)])  # fmt: skip
-    with pytest.raises(TrainConfigError, match=r"train.lora.modules_to_save: .*\['embed_tokens'\]"):
-        plan_job(cfg)
+    assert plan_job(cfg).train.lora.modules_to_save == ["embed_tokens"]  # tied: the head follows
     # an untied base needs its output head saved too
     untied = tmp_path / "untied"
     shutil.copytree(foreign_model, untied)
     conf = json.loads((untied / "config.json").read_text())
     (untied / "config.json").write_text(json.dumps({**conf, "tie_word_embeddings": False}))
     cfg = load_config(None, ["name=foreign-lora", f"train.storage_path={tmp_path}",
-                             *_train_overrides(foreign_sft, untied, *lora),
-                             "train.lora.modules_to_save=[embed_tokens]"])  # fmt: skip
-    with pytest.raises(TrainConfigError, match=r"train.lora.modules_to_save: .*\['lm_head'\]"):
-        plan_job(cfg)
+                             *_train_overrides(foreign_sft, untied, *lora)])  # fmt: skip
+    job = plan_job(cfg)
+    assert job.train.lora.modules_to_save == ["embed_tokens", "lm_head"]
+    assert job.resume_keys["train.lora"]["modules_to_save"] == ["embed_tokens", "lm_head"]
 
 
 def test_lora_with_saved_embeddings_trains_and_exports(

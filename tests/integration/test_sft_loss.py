@@ -21,7 +21,7 @@ import torch
 from cluster.config import load_config
 from tests.faults import SaveGrads
 from tests.mp_loop import run_loop
-from training.batch import document_causal_mask, loss_targets, token_loss
+from training.batch import forward_packed, loss_targets, token_loss
 from training.data import MixedRows
 from training.launcher import plan_job, run_dir
 from training.loop import WorkerHooks
@@ -75,9 +75,7 @@ def _reference_grads(batch, job, mean_of_means: bool) -> dict[str, torch.Tensor]
     model = build_model(job.model, job.vocab_size, torch.float32, seed=job.seed)
     t = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()}
     targets = loss_targets(t["input_ids"], t["position_ids"], job.pad_id, t["labels"])
-    mask = document_causal_mask(t["position_ids"], torch.float32)
-    logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"],
-                   attention_mask=mask).logits  # fmt: skip
+    logits = forward_packed(model, t["input_ids"], t["position_ids"])
     if mean_of_means:
         losses = [token_loss(logits[i : i + 1], targets[i : i + 1]) for i in range(ROWS)]
         loss = torch.stack([s / c for s, c in losses]).mean()

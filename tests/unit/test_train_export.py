@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.batch import document_causal_mask, loss_targets, token_loss
+from training.batch import forward_packed, loss_targets, token_loss
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import dataset_info, validation_batches
 from training.errors import CheckpointError
@@ -36,9 +36,8 @@ def exported_eval_loss(out: Path, datasets: list, world_size: int, micro_batch: 
         for mb in validation_batches(datasets, micro_batch, world_size, rank, eval_batches):
             ids = torch.from_numpy(mb["input_ids"]).long()
             pos = torch.from_numpy(mb["position_ids"]).long()
-            mask = document_causal_mask(pos, torch.float32)
             with torch.no_grad():
-                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+                logits = forward_packed(model, ids, pos)
             s, n = token_loss(logits, loss_targets(ids, pos, pad_id))
             total, count = total + float(s), count + float(n)
     return total / count
