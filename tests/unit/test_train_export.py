@@ -129,3 +129,16 @@ def test_cli_export(run, tmp_path, capsys) -> None:
     assert json.loads((tmp_path / "o" / PROVENANCE_NAME).read_text())["step"] == 2
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 1
     assert "no such run" in capsys.readouterr().err
+    # Above train.export_max_shard_size the weights are sharded; the shards load as one model.
+    from transformers import AutoModelForCausalLM
+
+    args = ["export", str(run), "--out", str(tmp_path / "s"), "--set",
+            "train.export_max_shard_size=8KB"]  # fmt: skip
+    assert main(args) == 0
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    whole = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"))  # checkpoint 2, unsharded
+    sharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s"))  # newest: checkpoint 3
+    assert whole.state_dict().keys() == sharded.state_dict().keys()
+    assert main([*args[:-1], "train.export_max_shard_size=lots"]) == 1
+    assert "train.export_max_shard_size" in capsys.readouterr().err
