@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.checkpoint import git_commit, package_versions
+from training.checkpoint import git_commit, package_versions, read_state, resume_mismatch
 from training.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
-from training.errors import Preempted, TrainConfigError
+from training.errors import CheckpointError, Preempted, TrainConfigError
 from training.loop import WorkerHooks, WorkerIO, WorkerJob, run_worker
 from training.lora import check_lora_targets, embedding_modules
 from training.model import hf_config, meta_model, model_max_positions, packing_problem
@@ -200,6 +200,29 @@ def _check_lora(cfg: RaylmConfig, vocab: int) -> LoraConfig:
     return lora.model_copy(update={"modules_to_save": saved + added})
 
 
+def _resume_keys(
+    cfg: RaylmConfig, train: TrainConfig, vocab: int, seq_len: int, manifests: dict[str, str]
+) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: a change in any of these would silently
+    train other rows (seed, datasets), another objective (task) or fail deep inside DeepSpeed
+    (shapes, ZeRO stage, precision, world size). Keys safe to change are in docs/train.md."""
+    keys: dict[str, Any] = {
+        "model.architecture": cfg.model.architecture, "model.shape": cfg.model.shape(),
+        "model.init_from": cfg.model.init_from, "model.vocab_size": vocab, "seq_len": seq_len,
+        "seed": cfg.seed, "train.task": train.task,
+        "train.datasets": [{"path": str(Path(d.path).resolve()), "weight": d.weight,
+                            "manifest_sha256": manifests[str(Path(d.path).resolve())]}
+                           for d in train.datasets],
+        "train.global_batch_tokens": train.global_batch_tokens,
+        "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+        "deepspeed.precision": cfg.deepspeed.precision,
+        "scaling.num_workers": cfg.scaling.num_workers,
+    }  # fmt: skip
+    if train.lora.enabled:  # adapters of another shape cannot load
+        keys["train.lora"] = train.lora.model_dump(mode="json")
+    return keys
+
+
 def plan_job(cfg: RaylmConfig) -> WorkerJob:
     """Resolve and validate a run on the driver; raises TrainConfigError naming the key."""
     if cfg.model.init_from:
@@ -231,13 +254,8 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
     # Raises for fp16 without CUDA; the workers build the same dict.
     build_ds_config(cfg.train, cfg.deepspeed, seq_len=seq_len, world_size=world, total_steps=total,
                     use_gpu=cfg.scaling.use_gpu, cuda_available=cfg.scaling.use_gpu)  # fmt: skip
-    resume_keys = {"model.architecture": cfg.model.architecture, "model.shape": cfg.model.shape(),
-                   "model.init_from": cfg.model.init_from,
-                   "model.vocab_size": vocab, "seq_len": seq_len,
-                   "train.global_batch_tokens": cfg.train.global_batch_tokens,
-                   "scaling.num_workers": world}  # fmt: skip
-    if train_cfg.lora.enabled:  # adapters of another shape cannot load
-        resume_keys["train.lora"] = train_cfg.lora.model_dump(mode="json")
+    provenance = _provenance(cfg, infos)
+    resume_keys = _resume_keys(cfg, train_cfg, vocab, seq_len, provenance["manifest_sha256"])
     # What training reads: a changed serve port or eval task list is not a different run.
     trained = cfg.model_dump(mode="json", include={"name", "seed", "model", "train", "deepspeed",
                                                    "scaling"})  # fmt: skip
@@ -253,7 +271,7 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
         run_dir=run_uri(cfg.train.storage_path, cfg.name), datasets=infos, weights=weights,
         seq_len=seq_len, vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
-        use_gpu=cfg.scaling.use_gpu, versions=package_versions(), provenance=_provenance(cfg, infos),
+        use_gpu=cfg.scaling.use_gpu, versions=package_versions(), provenance=provenance,
     )  # fmt: skip
 
 
@@ -403,11 +421,33 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | N
     return _fit(cfg, job, trainer)
 
 
+def _check_resume(cfg: RaylmConfig, rd: Path, job: WorkerJob) -> None:
+    """Refuse before any worker starts when the run's checkpoints were trained with settings a
+    resume cannot keep (seed, datasets, task, shapes, ZeRO stage, precision, world size), naming
+    each key with its old and new value. Reads the newest readable state file only (no hashing);
+    the workers still verify what they load. S3 runs are checked by the workers alone."""
+    for cand in sorted((p for p in rd.glob("checkpoint_*") if p.is_dir()), reverse=True):
+        try:
+            saved = read_state(cand)
+        except (OSError, ValueError, TypeError, CheckpointError):
+            continue  # truncated: the workers skip it too
+        diff = resume_mismatch(saved.resume_keys, job.resume_keys)
+        if diff:
+            raise TrainConfigError(
+                f"name: run {cfg.name!r} has checkpoints ({cand.name}) trained with other "
+                f"settings; resuming would change {', '.join(diff)}. Keep the old values, or "
+                "start a new run with --set name=..."
+            )
+        return
+
+
 def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
     """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
     export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
     with open_run(cfg) as run:
         rd = run.local
+        if run.fs is None:
+            _check_resume(cfg, rd, job)
         run.sync()  # S3: the resolved config goes up before the workers start
         events_before = len(read_events(rd))
         progress = sys.stderr.isatty() if cfg.train.progress is None else cfg.train.progress

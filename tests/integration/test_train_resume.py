@@ -169,6 +169,20 @@ def test_bad_config_fails_before_workers(prepared_pretrain, tmp_path) -> None:
             plan_job(_cfg(prepared_pretrain, tmp_path, "bad", *overrides))
 
 
+def test_rerun_with_changed_run_settings_is_refused_before_workers(z0, prepared_pretrain) -> None:
+    """z0 (seed 0, ZeRO-0, one worker) again under its name with another seed, ZeRO stage and
+    task: refused on the driver naming each key, old -> new; the run dir is left as it was."""
+    before = (run_dir(z0) / "metrics.jsonl").read_bytes()
+    cfg = _cfg(prepared_pretrain, run_dir(z0).parent, "z0", "scaling.num_workers=1",
+               "train.checkpoint_every=100", "seed=1", "deepspeed.zero_stage=1")  # fmt: skip
+    with pytest.raises(TrainConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "seed (0 -> 1)" in msg and "deepspeed.zero_stage (0 -> 1)" in msg
+    assert "train.task" not in msg and "--set name=" in msg
+    assert (run_dir(z0) / "metrics.jsonl").read_bytes() == before
+
+
 def test_zero3_two_workers_match_zero0_one_worker(z0, z3) -> None:
     """Same seed, data and global batch: fp32 losses agree over every step."""
     ref = [r["loss"] for r in _metrics(run_dir(z0))]
