@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.batch import IGNORE_INDEX, loss_targets, padding_mask
+from training.batch import IGNORE_INDEX, loss_targets, padding_mask, token_loss
 from training.config import ModelConfig
 from training.model import build_model, flops_per_token
 
@@ -40,3 +40,37 @@ def test_flops_per_token_scales_with_size() -> None:
     f = flops_per_token(small, seq_len=64)
     # ~6N plus attention: within 2x of 6 x params for the tiny model.
     assert 3 * n_params < f < 12 * n_params
+
+
+def _loss_and_saved_bytes(hidden, head, targets, chunk_tokens):
+    """(loss, loss count, head grad, bytes autograd kept for backward beyond the logits)."""
+    head.grad = None
+    logits = hidden @ head.T  # (batch, seq, vocab)
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total, count = token_loss(logits, targets, chunk_tokens=chunk_tokens)
+    total.backward()
+    return total.detach(), count, head.grad.clone(), sum(kept.values())
+
+
+def test_chunked_loss_equals_whole_and_keeps_less_for_backward() -> None:
+    g = torch.Generator().manual_seed(0)
+    vocab, seq = 32_000, 65
+    hidden = torch.randn(2, seq, 16, generator=g)
+    head = torch.nn.Parameter(torch.randn(vocab, 16, generator=g) * 0.1)
+    targets = torch.randint(0, vocab, (2, seq - 1), generator=g)
+    targets[0, :5] = IGNORE_INDEX
+    whole = _loss_and_saved_bytes(hidden, head, targets, chunk_tokens=10**9)
+    chunked = _loss_and_saved_bytes(hidden, head, targets, chunk_tokens=16)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=0)
+    assert int(chunked[1]) == int(whole[1]) == 2 * (seq - 1) - 5
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-6, atol=1e-9)
+    # whole: an fp32 log-softmax of every position (2 x 65 x 32k x 4 B = 16 MB) held for backward
+    assert whole[3] >= 2 * (seq - 1) * vocab * 4
+    assert chunked[3] < whole[3] / 20
