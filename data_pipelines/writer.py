@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from data_pipelines.pack import PackedRow
 
-__all__ = ["ShardWriter", "file_sha256", "row_schema"]
+__all__ = ["ShardWriter", "file_sha256", "row_schema", "rows_per_group"]
 
 
 def row_schema(with_labels: bool) -> pa.Schema:
@@ -26,6 +26,12 @@ def row_schema(with_labels: bool) -> pa.Schema:
     if with_labels:
         fields.append(pa.field("labels", pa.list_(pa.int32())))
     return pa.schema(fields)
+
+
+def rows_per_group(list_columns: int, seq_len: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per parquet row group so one group holds about ``target_bytes`` of int32 tokens:
+    training reads rows at random positions one row group at a time (``training.data``)."""
+    return max(1, min(4096, target_bytes // max(1, 4 * seq_len * list_columns)))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -81,7 +87,8 @@ class ShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"part-{len(self.files):05d}.parquet"
         path = self.directory / name
-        pq.write_table(table, path, compression="zstd", write_statistics=False)
+        pq.write_table(table, path, compression="zstd", write_statistics=False,
+                       row_group_size=rows_per_group(table.num_columns - 1, len(rows[0].input_ids)))  # fmt: skip
         self.files.append(name)
         self.checksums[name] = file_sha256(path)
         self.rows += len(rows)

@@ -6,10 +6,12 @@ cannot reproduce the order. Here the order is a pure function of (seed, epoch, d
 weights, world size, rank): every rank computes the same global order and takes its slice.
 
 How rows are read: each rank reads the prepared parquet directly with pyarrow from the shared
-prepared dir (the same every-node-reachable storage the run dir needs), keeping only the rows of
-its own slice for the current epoch (about 1/world_size of the data in memory). That is the
-simplest reader that is exactly reproducible; Ray Data would add a second scheduler whose block
-order we would then have to undo.
+prepared dir (the same every-node-reachable storage the run dir needs), step by step: an index
+from position to (file, row group) built from the row_id column and the footers, the row groups a
+step needs decoded (a few kept), and a thread reading the next steps while the current one trains.
+Memory is the index (about 20 bytes per row) plus a few row groups, whatever the dataset size; a
+mid-epoch resume reads nothing it skips. That is the simplest reader that is exactly reproducible;
+Ray Data would add a second scheduler whose block order we would then have to undo.
 
 Mixing: dataset i contributes ``n_i = floor(total * w_i / sum(w))`` samples per epoch (total = sum
 of dataset sizes), drawn from its own endless stream of seeded permutations (a dataset sampled below
@@ -19,9 +21,13 @@ its size continues where it stopped next epoch; above its size it repeats only a
 from __future__ import annotations
 
 import json
+import queue
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -159,52 +165,79 @@ def rank_row_order(
 
 
 class _SplitReader:
-    """Rows of one dataset split, addressed by position in ascending row_id order.
+    """Rows of one dataset split, addressed by position in ascending row_id order, read per step.
+
+    Up front only the ``row_id`` column (8 bytes per row) and the parquet footers are read: an
+    index from position to (file, row group, row). A read decodes just the row groups holding
+    the wanted rows, keeping the last few decoded groups (``cache_groups``), so memory does not
+    grow with the dataset and consecutive positions of one group are decoded once. ``data
+    prepare`` writes row groups of about 1 MB for this.
 
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
     SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
     still masks padding and document starts).
     """
 
-    def __init__(self, files: list[str], columns: list[str]):
-        self.files = files
-        self.fill_labels = "labels" in columns and "labels" not in pq.read_schema(files[0]).names
+    def __init__(self, files: list[str], columns: list[str], cache_groups: int = 16):
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.fill_labels = "labels" in columns and "labels" not in self.files[0].schema_arrow.names
         self.columns = [c for c in columns if not (c == "labels" and self.fill_labels)]
-        # (n,) int64 per file; only the row_id column is read up front (8 bytes per row).
-        self._ids = [pq.read_table(f, columns=["row_id"])["row_id"].to_numpy() for f in files]
-        all_ids = np.concatenate(self._ids)
-        self.sorted_ids = np.sort(all_ids)
-        if len(np.unique(self.sorted_ids)) != len(self.sorted_ids):
+        ids, file_of, group_of, row_of = [], [], [], []
+        for k, pf in enumerate(self.files):
+            file_ids = pf.read(columns=["row_id"])["row_id"].to_numpy()
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            ids.append(file_ids)
+            file_of.append(np.full(len(file_ids), k, dtype=np.int32))
+            group_of.append(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+            row_of.append(np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]))
+        all_ids = np.concatenate(ids)
+        order = np.argsort(all_ids, kind="stable")
+        self.sorted_ids = all_ids[order]
+        if np.any(self.sorted_ids[1:] == self.sorted_ids[:-1]):
             raise TrainConfigError(f"{Path(files[0]).parent}: duplicate row_id values")
+        # position -> where the row lives; (n,) int32 each
+        self._file = np.concatenate(file_of)[order]
+        self._group = np.concatenate(group_of)[order]
+        self._row = np.concatenate(row_of)[order]
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self._cache_groups = cache_groups
+        self._lock = threading.Lock()  # the prefetch thread and eval may read concurrently
 
     def __len__(self) -> int:
         return len(self.sorted_ids)
 
+    def _decoded(self, file: int, group: int) -> dict[str, np.ndarray]:
+        """One row group as numpy: row_id (n,) int64, list columns (n, seq) int32."""
+        key = (file, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        table = self.files[file].read_row_group(group, columns=self.columns)
+        out = {}
+        for c in self.columns:
+            col = table[c].combine_chunks()
+            if c == "row_id":
+                out[c] = col.to_numpy()
+            else:  # fixed-length lists (exactly seq_len): one reshape, no per-row objects
+                out[c] = col.flatten().to_numpy().astype(np.int32).reshape(len(col), -1)
+        self._cache[key] = out
+        if len(self._cache) > self._cache_groups:
+            self._cache.popitem(last=False)
+        return out
+
     def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows at ``positions`` (any order, repeats allowed), one pass over the needed files."""
-        wanted = self.sorted_ids[positions]  # (k,) row ids
-        out = {c: None for c in self.columns}
-        found = np.zeros(len(wanted), dtype=bool)
-        for f, ids in zip(self.files, self._ids, strict=True):
-            hit = np.isin(wanted, ids)
-            if not hit.any():
-                continue
-            table = pq.read_table(f, columns=self.columns)
-            local = {int(r): i for i, r in enumerate(ids)}
-            take = np.array([local[int(r)] for r in wanted[hit]], dtype=np.int64)
-            part = table.take(take)
-            for c in self.columns:
-                col = part[c]
-                arr = (
-                    col.to_numpy()
-                    if c == "row_id"
-                    else np.stack(col.to_numpy(zero_copy_only=False))
-                )
-                if out[c] is None:
-                    shape = (len(wanted),) + arr.shape[1:]
-                    out[c] = np.zeros(shape, dtype=np.int64 if c == "row_id" else np.int32)
-                out[c][hit] = arr
-            found |= hit
+        """Rows at ``positions`` (any order, repeats allowed), each row group decoded once."""
+        positions = np.asarray(positions, dtype=np.int64)
+        files, groups, rows = self._file[positions], self._group[positions], self._row[positions]
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            for f, g in sorted(set(zip(files.tolist(), groups.tolist(), strict=True))):
+                hit = (files == f) & (groups == g)
+                part = self._decoded(f, g)
+                for c, arr in part.items():
+                    if c not in out:
+                        out[c] = np.zeros((len(positions),) + arr.shape[1:], dtype=arr.dtype)
+                    out[c][hit] = arr[rows[hit]]
         if self.fill_labels:
             out["labels"] = out["input_ids"].copy()
         return out
@@ -238,35 +271,81 @@ class MixedRows:
                 f"only {sum(self.sizes)}"
             )
 
-    def _epoch_rows(self, epoch: int) -> dict[str, np.ndarray]:
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        """This rank's (dataset, position) pairs for ``epoch``: (steps, rows_per_rank, 2) int64.
+        Positions only (16 bytes per row); the rows themselves are read step by step."""
         order = epoch_order(epoch, self.seed, self.sizes, self.weights)
-        shard = shard_epoch(order, self.global_rows, self.world_size, self.rank)
-        flat = shard.rows.reshape(-1, 2)  # (steps * rows_per_rank, 2) in training order
-        out: dict[str, np.ndarray] = {}
+        return shard_epoch(order, self.global_rows, self.world_size, self.rank).rows
+
+    def read_step(self, pairs: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """One step's micro-batches from its (rows_per_rank, 2) (dataset, position) pairs."""
+        rows: dict[str, np.ndarray] = {}
         for i, reader in enumerate(self.readers):
-            sel = flat[:, 0] == i
+            sel = pairs[:, 0] == i
             if not sel.any():
                 continue
-            part = reader.read(flat[sel, 1])
-            for c, arr in part.items():
-                if c not in out:
-                    out[c] = np.zeros((len(flat),) + arr.shape[1:], dtype=arr.dtype)
-                out[c][sel] = arr
-        return out
+            for c, arr in reader.read(pairs[sel, 1]).items():
+                if c not in rows:
+                    rows[c] = np.zeros((len(pairs),) + arr.shape[1:], dtype=arr.dtype)
+                rows[c][sel] = arr
+        return [{c: a[m : m + self.micro_batch] for c, a in rows.items()}
+                for m in range(0, len(pairs), self.micro_batch)]  # fmt: skip
 
-    def iter_steps(self, start_step: int, end_step: int) -> Iterator[list[dict[str, np.ndarray]]]:
-        """For each global step in [start_step, end_step): its micro-batches for this rank."""
-        per_rank = self.global_rows // self.world_size
-        epoch, rows = -1, {}
+    def _step_pairs(self, start_step: int, end_step: int) -> Iterator[np.ndarray]:
+        epoch, shard = -1, np.empty((0, 0, 2), dtype=np.int64)
         for step in range(start_step, end_step):
             e, s = divmod(step, self.steps_per_epoch)
             if e != epoch:
-                epoch, rows = e, self._epoch_rows(e)
-            lo = s * per_rank
-            yield [
-                {c: a[lo + m : lo + m + self.micro_batch] for c, a in rows.items()}
-                for m in range(0, per_rank, self.micro_batch)
-            ]
+                epoch, shard = e, self._epoch_rows(e)
+            yield shard[s]
+
+    def iter_steps(
+        self, start_step: int, end_step: int, prefetch: int = 2
+    ) -> Iterator[list[dict[str, np.ndarray]]]:
+        """For each global step in [start_step, end_step): its micro-batches for this rank.
+
+        A background thread reads up to ``prefetch`` steps ahead (parquet decoding releases the
+        GIL), so reading overlaps the forward and backward of the current step.
+        """
+        pairs = self._step_pairs(start_step, end_step)
+        if prefetch <= 0:
+            yield from (self.read_step(p) for p in pairs)
+            return
+        yield from _prefetched((self.read_step(p) for p in pairs), prefetch)
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a daemon thread at most ``depth`` ahead; its errors re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="raylm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (preemption, error): let the thread end
 
 
 def validation_batches(
