@@ -145,12 +145,15 @@ def _text(value: Any, where: str) -> str:
 
 
 def _keys_of(items: list, f: RecordFields, sharegpt: bool) -> tuple[str, str]:
-    """Role and content keys: configured, else the format's own, else what the first turn uses."""
-    if f.role_key and f.content_key:
-        return f.role_key, f.content_key
-    first = items[0] if items and isinstance(items[0], dict) else {}
-    own = ("from", "value") if sharegpt or ("from" in first and "role" not in first) else None
-    role, content = own or ("role", "content")
+    """Role and content keys: configured, else the ones the first turn uses (``from``/``value``
+    or ``role``/``content``: both spellings turn up under either list name), else the format's."""
+    first = items[0] if isinstance(items[0], dict) else {}
+    if "from" in first and "role" not in first:
+        role, content = "from", "value"
+    elif "role" in first:
+        role, content = "role", "content"
+    else:
+        role, content = ("from", "value") if sharegpt else ("role", "content")
     return f.role_key or role, f.content_key or content
 
 

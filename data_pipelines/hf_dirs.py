@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 DATASET_DICT_JSON = "dataset_dict.json"
+DATASET_INFO_JSON = "dataset_info.json"
 STATE_JSON = "state.json"
 # datasets' data_files.py: the words that put a file into a split, and what may surround them.
 SPLIT_KEYWORDS = {
@@ -44,7 +45,12 @@ _SEP = "-._ 0-9"
 
 
 def is_saved_dataset(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, n)) for n in (STATE_JSON, DATASET_DICT_JSON))
+    """A ``save_to_disk`` dir: a DatasetDict's json, or a Dataset's state and info files."""
+
+    def has(name: str) -> bool:
+        return os.path.isfile(os.path.join(path, name))
+
+    return has(DATASET_DICT_JSON) or (has(STATE_JSON) and has(DATASET_INFO_JSON))
 
 
 def _read_json(path: str, where: str) -> dict:

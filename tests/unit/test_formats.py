@@ -48,8 +48,9 @@ def test_sharegpt_roles_system_field_and_tool_turns():
         {"role": "tool", "content": "42"},
         {"role": "assistant", "content": "a2"},
     ]
-    # ShareGPT turns under a `messages` key are read by their own keys.
+    # Each list is read by the keys its turns use, whichever name it has.
     assert to_messages({"messages": record["conversations"][:2]}, SFT)[1]["content"] == "a1"
+    assert to_messages({"conversations": ANSWERED}, SFT) == ANSWERED
 
 
 def test_wrong_role_tags_and_missing_keys_name_the_turn_and_the_tag():

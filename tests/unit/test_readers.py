@@ -152,8 +152,13 @@ def test_hf_save_to_disk_dirs_and_their_splits(tmp_path):
         assert len(paths) == shards and f"/dd/{split}/data-00000-of-00001.arrow" in paths[0]
     with pytest.raises(DataError, match=r"holds the splits \['train', 'test'\]; set data.hf_split"):
         expand_inputs([str(tmp_path / "dd")], hf_split="validation")
-    # Inside a larger directory, a saved dataset counts by its shards, not its json files.
-    assert len(expand_inputs([str(tmp_path)]).paths) == 3
+    # Inside a larger directory, a saved dataset counts by its shards, not its json files; a
+    # state.json alone does not make one.
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "state.json").write_text('{"text": "a record"}\n')
+    found = [p.split(str(tmp_path))[1] for p in expand_inputs([str(tmp_path)]).paths]
+    assert found == ["/dd/train/data-00000-of-00001.arrow", "/own/state.json",
+                     "/single/data-00000-of-00002.arrow", "/single/data-00001-of-00002.arrow"]  # fmt: skip
 
 
 def test_hf_hub_snapshot_reads_one_split_through_blob_symlinks(tmp_path):
