@@ -12,6 +12,7 @@ __all__ = [
     "NormalizeConfig",
     "PiiConfig",
     "S3Config",
+    "SftColumns",
     "SftConfig",
     "TokenizerConfig",
     "PII_KINDS",
@@ -59,10 +60,56 @@ class DedupConfig(_Section):
     )
 
 
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class SftColumns(_Section):
+    """Where chat and preference records keep each part, when not under the standard names."""
+
+    messages: str | None = Field(
+        None, description="OpenAI-style message list; unset: `data.messages_field`."
+    )
+    conversations: str = Field("conversations", description="ShareGPT turn list.")
+    role_key: str | None = Field(
+        None, description="Key of a turn's role; unset: `role` (messages), `from` (ShareGPT)."
+    )
+    content_key: str | None = Field(
+        None, description="Key of a turn's text; unset: `content` (messages), `value` (ShareGPT)."
+    )
+    roles: dict[str, Role] = Field(
+        default_factory=dict,
+        description="More role tags, e.g. {bot: assistant}; known: human, user, gpt, assistant, "
+        "system, tool.",
+    )
+    system: str = Field("system", description="System prompt (Alpaca, ShareGPT).")
+    instruction: str = Field("instruction", description="Alpaca instruction.")
+    input: str = Field("input", description="Alpaca input, joined to the instruction by a newline.")
+    output: str = Field("output", description="Alpaca answer.")
+    history: str = Field("history", description="Alpaca earlier [user, assistant] pairs.")
+    prompt: str = Field("prompt", description="Prompt: a string or a message list.")
+    completion: str = Field("completion", description="Answer to `prompt` (sft).")
+    chosen: str = Field(
+        "chosen", description="Preferred answer or whole conversation (preference)."
+    )
+    rejected: str = Field("rejected", description="Other answer or conversation (preference).")
+
+
 class SftConfig(_Section):
     pack: bool = Field(False, description="Pack several conversations per row (positions reset).")
     overlong: Literal["truncate", "drop"] = Field(
-        "drop", description="What to do with a conversation longer than seq_len."
+        "drop",
+        description="What to do with a conversation (or preference pair) longer than seq_len.",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto",
+        description="Chat record format; auto: per record from its fields (messages, "
+        "conversations, instruction/output, prompt/completion; else unknown_format).",
+    )
+    columns: SftColumns = Field(default_factory=SftColumns)
+    system_fallback: Literal["reject", "prepend"] = Field(
+        "reject",
+        description="A system message on a chat template without a system role (Gemma, Mistral "
+        "v0.3): reject the record (system_not_supported) or prepend it to the first user turn.",
     )
 
 
@@ -71,9 +118,13 @@ class DataConfig(_Section):
 
     inputs: list[str] = Field(
         default_factory=list,
-        description="Files, directories, globs or s3:// URIs of jsonl, jsonl.gz, parquet or text shards.",
+        description="Files, directories, globs or s3:// URIs of jsonl, jsonl.gz, parquet, arrow or "
+        "text shards; local Hugging Face datasets (save_to_disk dirs, hub cache snapshots).",
     )
-    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+    hf_split: str = Field(
+        "train", description="Split read from a Hugging Face dataset dir that holds several."
+    )
+    format: Literal["auto", "jsonl", "parquet", "arrow", "text"] = Field(
         "auto", description="Input format; auto: from the file extension."
     )
     text_field: str = Field("text", description="Record field holding the document text.")
@@ -81,9 +132,10 @@ class DataConfig(_Section):
     text_unit: Literal["file", "line"] = Field(
         "file", description="Plain-text inputs: one document per file or per non-empty line."
     )
-    mode: Literal["pretrain", "sft"] = Field(
+    mode: Literal["pretrain", "sft", "preference"] = Field(
         "pretrain",
-        description="pretrain: pack documents with EOS; sft: chat template + loss labels.",
+        description="pretrain: pack documents with EOS; sft: chat template + loss labels; "
+        "preference: prompt + chosen/rejected answers, one pair per row.",
     )
     output: str = Field("runs/data", description="Output directory (local path).")
     tokenizer: str = Field(

@@ -10,6 +10,9 @@ Row layout (all int32, shape (seq_len,)):
   row boundary continues at position 0 in the next row); padding forms its own 0.. segment.
 - ``labels`` (sft only): the token itself where it carries loss, -100 elsewhere (HF convention: the
   model shifts labels internally).
+
+Preference pairs are not packed: one pair per row (``PairRow``), each side unpadded (at most
+seq_len tokens), so a trainer pads a batch only to its longest sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "PackedRow", "DocumentPacker", "ConversationPacker", "segment_positions"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ConversationPacker",
+    "DocumentPacker",
+    "PackedRow",
+    "PairRow",
+    "PairRows",
+    "segment_positions",
+]
 
 IGNORE_INDEX = -100
 
@@ -30,6 +41,31 @@ class PackedRow:
     position_ids: np.ndarray  # (seq_len,) int32
     labels: np.ndarray | None  # (seq_len,) int32 or None
     real_tokens: int  # tokens that are not padding
+
+
+@dataclass
+class PairRow:
+    """One preference pair; each side (n,) int32, labels -100 outside its answer."""
+
+    chosen_input_ids: np.ndarray
+    chosen_labels: np.ndarray
+    rejected_input_ids: np.ndarray
+    rejected_labels: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return len(self.chosen_input_ids) + len(self.rejected_input_ids)
+
+
+class PairRows:
+    """The preference "packer": each pair becomes its own row, as it is."""
+
+    def add(self, chosen_ids, chosen_labels, rejected_ids, rejected_labels) -> Iterator[PairRow]:
+        yield PairRow(*(np.asarray(x, dtype=np.int32) for x in
+                        (chosen_ids, chosen_labels, rejected_ids, rejected_labels)))  # fmt: skip
+
+    def flush(self) -> Iterator[PairRow]:
+        return iter(())
 
 
 def segment_positions(lengths: list[int]) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 from data_pipelines.clean import content_hash, is_validation, normalize_text, redact_pii
 from data_pipelines.config import DataConfig
 from data_pipelines.errors import DataError
+from data_pipelines.formats import RecordFields
 from data_pipelines.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -38,7 +39,7 @@ from data_pipelines.manifest import (
     fingerprint_inputs,
     write_manifest,
 )
-from data_pipelines.pack import ConversationPacker, DocumentPacker
+from data_pipelines.pack import ConversationPacker, DocumentPacker, PairRows
 from data_pipelines.readers import STRICT_REASONS, InputFiles, expand_inputs, parse_file
 from data_pipelines.tokenize import (
     TokenizeBatch,
@@ -47,7 +48,7 @@ from data_pipelines.tokenize import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from data_pipelines.writer import ShardWriter
+from data_pipelines.writer import PREFERENCE_COLUMNS, ShardWriter
 
 __all__ = [
     "PrepareResult",
@@ -73,7 +74,9 @@ class PrepareResult:
     seconds: float = 0.0
 
 
-_ROW_KEYS = ("source", "reason", "text", "hash", "validation")
+# TokenizeBatch's preference columns, in PairRows.add's order.
+_PAIR_INPUTS = ("input_ids", "labels", "rejected_input_ids", "rejected_labels")
+_ROW_KEYS = ("source", "reason", "detail", "text", "hash", "validation")
 
 
 def iter_clean_chunks(
@@ -82,25 +85,24 @@ def iter_clean_chunks(
     """Records of a batch of shards, parsed and cleaned, in column chunks of ``chunk_size`` rows.
 
     One output row per record (kept or rejected). Columns: source (str "file:line"), reason (str,
-    "" if kept), text (str; sft: messages as canonical JSON), hash (16 bytes), validation (bool),
-    pii_<kind> (int32). Chunking keeps a worker's memory at one chunk, not one shard.
+    "" if kept), detail (str: what is wrong, for reasons that name a field), text (str; sft:
+    messages as canonical JSON; preference: prompt/chosen/rejected as JSON), hash (16 bytes),
+    validation (bool), pii_<kind> (int32). Chunking keeps a worker's memory at one chunk.
     """
-    sft = cfg.mode == "sft"
+    fields = RecordFields.from_config(cfg)
     kinds = list(cfg.pii.kinds) if cfg.pii.enabled else []
     rows: dict[str, list] = {k: [] for k in (*_ROW_KEYS, *kinds)}
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         name = display.get(path) or display.get("/" + path) or str(path)
-        records = parse_file(
-            name, data, cfg.format, cfg.text_field, cfg.messages_field, sft, cfg.text_unit
-        )
-        for rec in records:
+        for rec in parse_file(name, data, cfg.format, fields, cfg.text_unit):
             text, pii = _clean_record(rec.payload, rec.reason, cfg)
             reason = rec.reason or _length_reason(text, cfg)
             if cfg.strict and reason in STRICT_REASONS:
-                raise DataError(f"{rec.source}: {reason} (data.strict is on)")
+                raise DataError(strict_message(rec.source, reason, rec.detail))
             digest = content_hash(text) if not reason else b"\0" * 16
             rows["source"].append(rec.source)
             rows["reason"].append(reason)
+            rows["detail"].append(rec.detail)
             rows["text"].append(text if not reason else "")
             rows["hash"].append(digest)
             rows["validation"].append(not reason and is_validation(digest, cfg.validation_fraction))
@@ -111,6 +113,11 @@ def iter_clean_chunks(
                 rows = {k: [] for k in rows}
     if rows["reason"]:
         yield _columns(rows, kinds)
+
+
+def strict_message(source: str, reason: str, detail: str = "") -> str:
+    """The one-line error of data.strict: file:line, reason and, when known, what is wrong."""
+    return f"{source}: {reason}{': ' + detail if detail else ''} (data.strict is on)"
 
 
 def _columns(rows: dict[str, list], kinds: list[str]) -> dict[str, np.ndarray]:
@@ -128,29 +135,38 @@ def parse_and_clean(batch: dict[str, np.ndarray], cfg: DataConfig, display: dict
     return chunks[0] if chunks else _columns({k: [] for k in (*_ROW_KEYS, *kinds)}, kinds)
 
 
+def _clean_text(text: str, cfg: DataConfig, pii: Counter) -> str:
+    n = cfg.normalize
+    text = normalize_text(text, n.unicode, n.collapse_whitespace)
+    if cfg.pii.enabled:
+        text, counts = redact_pii(text, cfg.pii.kinds)
+        pii.update(counts)
+    return text
+
+
+def _clean_messages(messages: list[dict], cfg: DataConfig, pii: Counter) -> list[dict]:
+    return [{"role": m["role"], "content": _clean_text(m["content"], cfg, pii)} for m in messages]
+
+
 def _clean_record(payload, reason: str, cfg: DataConfig) -> tuple[str, dict[str, int]]:
+    """Cleaned text, or the cleaned chat / preference record as canonical JSON; PII counts."""
     if reason:
         return "", {}
-    n = cfg.normalize
+    pii: Counter = Counter()
+    if isinstance(payload, str):
+        return _clean_text(payload, cfg, pii), dict(pii)
     if isinstance(payload, list):  # sft messages: clean each content, keep the structure
-        pii: Counter = Counter()
-        messages = []
-        for m in payload:
-            content = normalize_text(m["content"], n.unicode, n.collapse_whitespace)
-            if cfg.pii.enabled:
-                content, counts = redact_pii(content, cfg.pii.kinds)
-                pii.update(counts)
-            messages.append({"role": m["role"], "content": content})
-        return json.dumps(messages, ensure_ascii=False, sort_keys=True), dict(pii)
-    text = normalize_text(payload, n.unicode, n.collapse_whitespace)
-    if cfg.pii.enabled:
-        return redact_pii(text, cfg.pii.kinds)
-    return text, {}
+        cleaned: list | dict = _clean_messages(payload, cfg, pii)
+    else:  # preference pair
+        cleaned = {"prompt": _clean_messages(payload["prompt"], cfg, pii),
+                   "chosen": _clean_text(payload["chosen"], cfg, pii),
+                   "rejected": _clean_text(payload["rejected"], cfg, pii)}  # fmt: skip
+    return json.dumps(cleaned, ensure_ascii=False, sort_keys=True), dict(pii)
 
 
 def _length_reason(text: str, cfg: DataConfig) -> str:
-    if cfg.mode == "sft":
-        return ""  # conversations are measured in tokens at tokenize time
+    if cfg.mode != "pretrain":
+        return ""  # conversations and pairs are measured in tokens at tokenize time
     if len(text) < cfg.min_chars or not text:
         return "too_short"
     if len(text) > cfg.max_chars:
@@ -167,11 +183,11 @@ class _Tally:
     pii: Counter = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=dict)
 
-    def reject(self, reason: str, source: str) -> None:
+    def reject(self, reason: str, source: str, detail: str = "") -> None:
         self.rejected[reason] += 1
         bucket = self.samples.setdefault(reason, [])
         if len(bucket) < SAMPLES_PER_REASON:
-            bucket.append(source)
+            bucket.append(f"{source}: {detail}" if detail else source)
 
 
 class _scoped_data_context:
@@ -229,9 +245,8 @@ class ProcessShards:
 
     def __init__(self, cfg: DataConfig, display: dict, tokenizer_path: str, eos_id: int, shards):
         self.cfg, self.display, self.shards = cfg, display, shards
-        self.tokenize = TokenizeBatch(
-            tokenizer_path, cfg.mode, cfg.seq_len, cfg.sft.overlong, eos_id=eos_id
-        )
+        self.tokenize = TokenizeBatch(tokenizer_path, cfg.mode, cfg.seq_len, cfg.sft.overlong,
+                                      eos_id=eos_id, system_fallback=cfg.sft.system_fallback)  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         from data_pipelines.dedup import mark_duplicates
@@ -239,7 +254,12 @@ class ProcessShards:
         for chunk in iter_clean_chunks(batch, self.cfg, self.display, self.cfg.batch_size):
             if self.shards:
                 chunk = mark_duplicates(chunk, self.shards)
-            yield self.tokenize(chunk)
+            out = self.tokenize(chunk)
+            if self.cfg.strict:  # the chat template's own rejections stop a strict run too
+                for i, reason in enumerate(out["reason"]):
+                    if reason in STRICT_REASONS:
+                        raise DataError(strict_message(out["source"][i], reason, out["detail"][i]))
+            yield out
 
 
 def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
@@ -292,13 +312,15 @@ def _unwrap_data_error(exc: BaseException | None) -> DataError | None:
 def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bool) -> tuple:
     from tqdm import tqdm
 
-    sft = cfg.mode == "sft"
+    columns = PREFERENCE_COLUMNS if cfg.mode == "preference" else None
     writers = {
-        s: ShardWriter(output / s, cfg.rows_per_file, with_labels=sft)
+        s: ShardWriter(output / s, cfg.rows_per_file, cfg.mode == "sft", columns=columns)
         for s in ("train", "validation")
     }
-    if sft:
+    if cfg.mode == "sft":
         packers = {s: ConversationPacker(cfg.seq_len, pad_id, cfg.sft.pack) for s in writers}
+    elif cfg.mode == "preference":
+        packers = {s: PairRows() for s in writers}
     else:
         packers = {s: DocumentPacker(cfg.seq_len, pad_id) for s in writers}
     tally = _Tally()
@@ -315,16 +337,17 @@ def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bo
 
 
 def _consume(batch, cfg: DataConfig, packers, writers, tally: _Tally) -> None:
-    sft = cfg.mode == "sft"
     for i, reason in enumerate(batch["reason"]):
         tally.read += 1
         if reason:
-            tally.reject(reason, batch["source"][i])
+            tally.reject(reason, batch["source"][i], batch["detail"][i])
             continue
         tally.kept += 1
         tally.truncated += bool(batch["truncated"][i])
         split = "validation" if batch["validation"][i] else "train"
-        if sft:
+        if cfg.mode == "preference":
+            rows = packers[split].add(*(batch[c][i] for c in _PAIR_INPUTS))
+        elif cfg.mode == "sft":
             rows = packers[split].add(batch["input_ids"][i], batch["labels"][i])
         else:
             rows = packers[split].add(batch["input_ids"][i])
@@ -358,7 +381,7 @@ class Plan:
 def plan_prepare(cfg: DataConfig, tokenizer_path: str) -> Plan:
     """Resolve inputs and hash them once. Needs no Ray: the CLI calls it first, so a re-run on a
     complete output returns without starting Ray, and ``prepare(plan=...)`` reuses the hashes."""
-    files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region)
+    files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region, cfg.hf_split)
     tok_fp = tokenizer_fingerprint(tokenizer_path)
     input_hashes = fingerprint_inputs(files)
     cfg_hash = data_config_hash(cfg)
@@ -406,7 +429,7 @@ def prepare(
         )
     tok = load_tokenizer(tokenizer_path)
     source, added = None, []
-    if cfg.mode == "sft" and not tok.chat_template:
+    if cfg.mode != "pretrain" and not tok.chat_template:
         # Any HF tokenizer can do SFT: it gets raylm's template (and the tokens it needs);
         # training, export and eval then use this copy, named in the manifest.
         source, added = tokenizer_path, add_default_chat_template(tok)

@@ -1,7 +1,9 @@
 """Finding input shards and turning one shard's bytes into records, line by line.
 
 pyarrow's JSON reader drops a whole file on one malformed line, so jsonl is parsed here line by line:
-every bad record is counted with its ``file:line`` and the rest of the file survives.
+every bad record is counted with its ``file:line`` and the rest of the file survives. Tables
+(parquet, Hugging Face arrow) are read row by row the same way. Chat and preference records are
+turned into one shape here (``formats``, ``preference``), so a bad one is counted where it was read.
 """
 
 from __future__ import annotations
@@ -13,12 +15,22 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_pipelines.errors import DataError
+from data_pipelines.formats import RecordFields, RecordProblem, to_messages
+from data_pipelines.hf_dirs import (
+    hub_snapshot,
+    is_saved_dataset,
+    read_arrow,
+    saved_dataset_files,
+    select_split,
+)
+from data_pipelines.preference import split_preference
 
 __all__ = ["InputFiles", "Record", "detect_format", "expand_inputs", "parse_file", "STRICT_REASONS"]
 
@@ -29,11 +41,15 @@ _EXTENSIONS = {
     ".json.gz": "jsonl",
     ".ndjson": "jsonl",
     ".parquet": "parquet",
+    ".arrow": "arrow",
     ".txt": "text",
     ".txt.gz": "text",
     ".text": "text",
     ".md": "text",
 }
+
+# Formats whose records have fields (all but plain text).
+_RECORD_FORMATS = frozenset({"jsonl", "parquet", "arrow"})
 
 # Bad input (as opposed to policy filters like too_short or duplicate): strict mode stops on these.
 STRICT_REASONS = frozenset(
@@ -44,6 +60,17 @@ STRICT_REASONS = frozenset(
         "invalid_messages",
         "last_turn_not_assistant",
         "empty_file",
+        "unknown_format",
+        "missing_field",
+        "unknown_role",
+        "malformed_preference",
+        "history_mismatch",
+        "empty_answer",
+        "identical_answers",
+        # found at tokenization, against the chat template
+        "system_not_supported",
+        "tool_not_supported",
+        "chat_template_error",
     }
 )
 
@@ -60,8 +87,9 @@ class InputFiles:
 @dataclass
 class Record:
     source: str  # "file:line" (1-based) or "file:row" for parquet
-    payload: str | list | None  # text, or the messages list in sft mode
+    payload: str | list | dict | None  # text; sft: messages; preference: prompt/chosen/rejected
     reason: str = ""  # empty when the record is usable
+    detail: str = ""  # which field is wrong and how, for reasons that name one
 
 
 def detect_format(path: str, fmt: str = "auto") -> str | None:
@@ -107,24 +135,45 @@ def _list_s3(fs: pafs.FileSystem, spec: str, where: str) -> list[str]:
     raise DataError(f"{where}: {spec}: no such object or prefix")
 
 
-def _list_local(spec: str, where: str) -> list[str]:
+def _walk(top: str, split: str, where: str) -> list[str]:
+    """Files below ``top``; a ``save_to_disk`` dataset inside counts by its own shard list."""
+    found = []
+    for root, dirs, files in os.walk(top):
+        if is_saved_dataset(root):
+            found += saved_dataset_files(root, split, where)
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return found
+
+
+def _list_local(spec: str, where: str, split: str) -> list[str]:
     if any(c in spec for c in "*?["):
         return [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
     if os.path.isfile(spec):
         return [spec]
+    snapshot = hub_snapshot(spec) if os.path.isdir(spec) else None
+    if snapshot:
+        # A hub repo's files: its data files of one split, not its README or scripts.
+        data = [p for p in _walk(snapshot, split, where) if detect_format(p) in _RECORD_FORMATS]
+        return select_split(data, snapshot, split, where)
     if os.path.isdir(spec):
-        found = []
-        for root, dirs, files in os.walk(spec):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [os.path.join(root, f) for f in files if not f.startswith(".")]
-        return found
+        return _walk(spec, split, where)
     raise DataError(f"{where}: {spec}: no such file or directory")
 
 
 def expand_inputs(
-    specs: list[str], fmt: str = "auto", endpoint_url: str | None = None, region: str | None = None
+    specs: list[str],
+    fmt: str = "auto",
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    hf_split: str = "train",
 ) -> InputFiles:
-    """Resolve files, directories, globs and s3:// URIs into a sorted list of shard paths."""
+    """Resolve files, directories, globs and s3:// URIs into a sorted list of shard paths.
+
+    Local Hugging Face dataset dirs (``save_to_disk`` output, hub cache snapshots) give the shards
+    of their ``hf_split``; see ``hf_dirs``."""
     if not specs:
         raise DataError("data.inputs: empty; name at least one file, directory, glob or s3:// URI")
     remote = [s.startswith("s3://") for s in specs]
@@ -134,7 +183,7 @@ def expand_inputs(
     display: dict[str, str] = {}
     for i, spec in enumerate(specs):
         where = f"data.inputs[{i}]"
-        listed = _list_s3(fs, spec, where) if fs is not None else _list_local(spec, where)
+        listed = _list_s3(fs, spec, where) if fs is not None else _list_local(spec, where, hf_split)
         explicit = len(listed) == 1 and listed[0].rstrip("/") == spec.removeprefix("s3://")
         for path in listed:
             if detect_format(path, fmt) is None:
@@ -154,42 +203,35 @@ def _decompress(path: str, data: bytes) -> bytes:
     return data
 
 
-def _messages_problem(value: object) -> str:
-    """'' for a usable conversation, else the rejection reason.
-
-    The last turn must be the assistant's: SFT learns the replies, and a conversation that ends on
-    a user turn has an unanswered prompt at its end (usually a truncated or mis-exported record).
-    """
-    if not isinstance(value, list) or not value:
-        return "invalid_messages"
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return "invalid_messages"
-        if m.get("role") not in ("system", "user", "assistant"):
-            return "invalid_messages"
-    return "" if value[-1]["role"] == "assistant" else "last_turn_not_assistant"
+def _as_text(obj: dict, fields: RecordFields) -> str | None:
+    """A chat record's text for tokenizer training: its messages' contents, or None."""
+    try:
+        messages = to_messages(obj, replace(fields, mode="sft", format="auto"))
+    except RecordProblem:
+        return None
+    return "\n".join(m["content"] for m in messages)
 
 
-def _from_object(
-    obj: object, source: str, field: str, sft: bool, fallback: str | None = None
-) -> Record:
-    if not isinstance(obj, dict):
-        return Record(source, None, "malformed_json")
-    value = obj.get(field)
-    if (not sft and not isinstance(value, str) and fallback
-            and not _messages_problem(obj.get(fallback))):  # fmt: skip
-        # Tokenizer training reads chat records too: their text is the messages' contents.
-        return Record(source, "\n".join(m["content"] for m in obj[fallback]))
-    if sft:
-        problem = _messages_problem(value)
-        return Record(source, None, problem) if problem else Record(source, value)
-    if not isinstance(value, str):
-        return Record(source, None, "missing_text")
-    return Record(source, value)
+def _from_object(obj: object, source: str, fields: RecordFields, messages_as_text: bool) -> Record:
+    if fields.mode == "pretrain":
+        if not isinstance(obj, dict):
+            return Record(source, None, "malformed_json")
+        value = obj.get(fields.text)
+        if not isinstance(value, str) and messages_as_text:
+            value = _as_text(obj, fields)
+        if not isinstance(value, str):
+            return Record(source, None, "missing_text")
+        return Record(source, value)
+    try:
+        if fields.mode == "preference":
+            return Record(source, split_preference(obj, fields).as_dict())
+        return Record(source, to_messages(obj, fields))
+    except RecordProblem as problem:
+        return Record(source, None, problem.reason, problem.detail)
 
 
 def _parse_jsonl(
-    name: str, data: bytes, field: str, sft: bool, fallback: str | None
+    name: str, data: bytes, fields: RecordFields, messages_as_text: bool
 ) -> Iterator[Record]:
     # BytesIO yields one line at a time: no list of every line of the shard.
     for lineno, raw in enumerate(io.BytesIO(data), start=1):
@@ -207,18 +249,38 @@ def _parse_jsonl(
         except ValueError:
             yield Record(source, None, "malformed_json")
             continue
-        yield _from_object(obj, source, field, sft, fallback)
+        yield _from_object(obj, source, fields, messages_as_text)
 
 
-def _parse_parquet(name: str, data: bytes, field: str, sft: bool) -> Iterator[Record]:
-    table = pq.read_table(io.BytesIO(data))
-    if field not in table.column_names:
-        reason = "invalid_messages" if sft else "missing_text"
-        for row in range(table.num_rows):
-            yield Record(f"{name}:{row + 1}", None, reason)
+def _parse_table(name: str, table: pa.Table, fields: RecordFields) -> Iterator[Record]:
+    """Rows of a parquet or arrow table; chat and preference rows as records of their columns."""
+    if fields.mode == "pretrain":
+        if fields.text not in table.column_names:
+            for row in range(table.num_rows):
+                yield Record(f"{name}:{row + 1}", None, "missing_text")
+            return
+        for row, value in enumerate(table.column(fields.text).to_pylist(), start=1):
+            yield _from_object({fields.text: value}, f"{name}:{row}", fields, False)
         return
-    for row, value in enumerate(table.column(field).to_pylist(), start=1):
-        yield _from_object({field: value}, f"{name}:{row}", field, sft)
+    # Only the columns a record format can use: a table may carry large unrelated ones.
+    used = [c for c in table.column_names if c in fields.columns()]
+    if not used:  # every row is rejected the same way, naming the columns the table has
+        placeholder = {c: "" for c in table.column_names}
+        for row in range(1, table.num_rows + 1):
+            yield _from_object(placeholder, f"{name}:{row}", fields, False)
+        return
+    row = 0
+    for batch in table.select(used).to_batches(max_chunksize=1024):
+        for obj in batch.to_pylist():
+            row += 1
+            yield _from_object(obj, f"{name}:{row}", fields, False)
+
+
+def _read_table(name: str, data: bytes, fmt: str) -> pa.Table:
+    try:
+        return pq.read_table(io.BytesIO(data)) if fmt == "parquet" else read_arrow(data)
+    except (OSError, pa.ArrowInvalid) as exc:  # not a parquet / arrow file at all
+        raise DataError(f"{name}: not a readable {fmt} file: {exc}") from None
 
 
 def _parse_text(name: str, data: bytes, unit: str) -> Iterator[Record]:
@@ -241,32 +303,28 @@ def parse_file(
     name: str,
     data: bytes,
     fmt: str,
-    text_field: str = "text",
-    messages_field: str = "messages",
-    sft: bool = False,
+    fields: RecordFields | None = None,
     text_unit: str = "file",
     messages_as_text: bool = False,
 ) -> Iterator[Record]:
     """Records of one shard in file order. ``name`` is what errors and samples show.
 
-    ``messages_as_text``: a jsonl record without the text field but with valid chat messages yields
-    their contents joined by newlines (tokenizer training reads both kinds of corpus).
+    ``fields``: the record mode (pretrain text, sft chat, preference pairs) and field names.
+    ``messages_as_text``: a jsonl record without the text field but with a valid chat record
+    yields its contents joined by newlines (tokenizer training reads both kinds of corpus).
     """
+    fields = fields or RecordFields()
     data = _decompress(name, data)
     if not data.strip():
         yield Record(name, None, "empty_file")
         return
     fmt = detect_format(name, fmt) or "text"
-    field = messages_field if sft else text_field
     if fmt == "jsonl":
-        fallback = messages_field if messages_as_text else None
-        yield from _parse_jsonl(name, data, field, sft, fallback)
-    elif fmt == "parquet":
-        try:
-            yield from _parse_parquet(name, data, field, sft)
-        except OSError as exc:  # not a parquet file at all
-            raise DataError(f"{name}: not a readable parquet file: {exc}") from None
+        yield from _parse_jsonl(name, data, fields, messages_as_text)
+    elif fmt in ("parquet", "arrow"):
+        yield from _parse_table(name, _read_table(name, data, fmt), fields)
     else:
-        if sft:
-            raise DataError(f"{name}: plain text cannot hold chat messages (data.mode=sft)")
+        if fields.mode != "pretrain":
+            raise DataError(f"{name}: plain text cannot hold chat or preference records "
+                            f"(data.mode={fields.mode})")  # fmt: skip
         yield from _parse_text(name, data, text_unit)

@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipelines.clean import content_hash, normalize_text
 from data_pipelines.config import DataConfig, TokenizerConfig
+from data_pipelines.formats import RecordFields
 from data_pipelines.readers import expand_inputs, parse_file
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tokenizer", "train_tokenizer"]
@@ -38,16 +39,11 @@ CHAT_TEMPLATE = (
 def _sample_texts(batch: dict[str, np.ndarray], data: DataConfig, display: dict, fraction: float):
     """Ray Data batch function over shards: normalized texts kept by a hash-based sample."""
     texts = []
+    fields = RecordFields.from_config(data.model_copy(update={"mode": "pretrain"}))
     for path, blob in zip(batch["path"], batch["bytes"], strict=True):
         name = display.get(path) or display.get("/" + path) or str(path)
         for rec in parse_file(
-            name,
-            blob,
-            data.format,
-            data.text_field,
-            data.messages_field,
-            text_unit=data.text_unit,
-            messages_as_text=True,
+            name, blob, data.format, fields, data.text_unit, messages_as_text=True
         ):
             if rec.reason:
                 continue
@@ -95,7 +91,7 @@ def train_tokenizer(tcfg: TokenizerConfig, data: DataConfig, progress: bool = Tr
     from data_pipelines.prepare import _scoped_data_context
 
     specs = tcfg.inputs or data.inputs
-    files = expand_inputs(specs, data.format, data.s3.endpoint_url, data.s3.region)
+    files = expand_inputs(specs, data.format, data.s3.endpoint_url, data.s3.region, data.hf_split)
     with _scoped_data_context(data):
         ds = ray.data.read_binary_files(
             files.paths, include_paths=True, filesystem=files.filesystem

@@ -12,20 +12,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.pack import PackedRow
+from data_pipelines.pack import PackedRow, PairRow
 
-__all__ = ["ShardWriter", "file_sha256", "row_schema", "rows_per_group"]
+__all__ = ["PREFERENCE_COLUMNS", "ShardWriter", "file_sha256", "row_schema", "rows_per_group"]
+
+# Preference rows (data.mode: preference): one pair per row, each side unpadded.
+PREFERENCE_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
-def row_schema(with_labels: bool) -> pa.Schema:
-    fields = [
-        pa.field("row_id", pa.int64()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("position_ids", pa.list_(pa.int32())),
-    ]
-    if with_labels:
-        fields.append(pa.field("labels", pa.list_(pa.int32())))
-    return pa.schema(fields)
+def _token_columns(with_labels: bool) -> tuple[str, ...]:
+    return ("input_ids", "position_ids", "labels") if with_labels else ("input_ids", "position_ids")
+
+
+def row_schema(with_labels: bool, columns: tuple[str, ...] | None = None) -> pa.Schema:
+    """row_id int64, then one list<int32> per token column (packed rows by default)."""
+    names = columns or _token_columns(with_labels)
+    return pa.schema([pa.field("row_id", pa.int64())]
+                     + [pa.field(n, pa.list_(pa.int32())) for n in names])  # fmt: skip
 
 
 def rows_per_group(list_columns: int, seq_len: int, target_bytes: int = 1 << 20) -> int:
@@ -52,18 +55,24 @@ def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
 class ShardWriter:
     """Writes one split as ``part-00000.parquet``, ``part-00001.parquet``, ... under ``directory``."""
 
-    def __init__(self, directory: str | Path, rows_per_file: int, with_labels: bool):
+    def __init__(
+        self,
+        directory: str | Path,
+        rows_per_file: int,
+        with_labels: bool,
+        columns: tuple[str, ...] | None = None,
+    ):
         self.directory = Path(directory)
         self.rows_per_file = rows_per_file
-        self.schema = row_schema(with_labels)
-        self.with_labels = with_labels
+        self.columns = columns or _token_columns(with_labels)
+        self.schema = row_schema(with_labels, self.columns)
         self.files: list[str] = []
         self.checksums: dict[str, str] = {}
         self.rows = 0
         self.tokens = 0
-        self._pending: list[PackedRow] = []
+        self._pending: list[PackedRow | PairRow] = []
 
-    def add(self, row: PackedRow) -> None:
+    def add(self, row: PackedRow | PairRow) -> None:
         self._pending.append(row)
         self.tokens += row.real_tokens
         if len(self._pending) >= self.rows_per_file:
@@ -76,19 +85,16 @@ class ShardWriter:
     def _flush(self) -> None:
         rows, self._pending = self._pending, []
         first = self.rows
-        columns = [
-            pa.array(np.arange(first, first + len(rows), dtype=np.int64)),
-            _list_column([r.input_ids for r in rows]),
-            _list_column([r.position_ids for r in rows]),
-        ]
-        if self.with_labels:
-            columns.append(_list_column([r.labels for r in rows]))
+        columns = [pa.array(np.arange(first, first + len(rows), dtype=np.int64))]
+        columns += [_list_column([getattr(r, c) for r in rows]) for c in self.columns]
         table = pa.Table.from_arrays(columns, schema=self.schema)
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"part-{len(self.files):05d}.parquet"
         path = self.directory / name
+        longest = max(len(getattr(r, self.columns[0])) for r in rows)
+        group = rows_per_group(len(self.columns), longest)
         pq.write_table(table, path, compression="zstd", write_statistics=False,
-                       row_group_size=rows_per_group(table.num_columns - 1, len(rows[0].input_ids)))  # fmt: skip
+                       row_group_size=group)  # fmt: skip
         self.files.append(name)
         self.checksums[name] = file_sha256(path)
         self.rows += len(rows)

@@ -290,3 +290,84 @@ def test_any_local_hf_tokenizer_dir_works(ray_local, synth_corpus, tmp_path):
     assert "augmented_from" not in m["tokenizer"] and not (tmp_path / "o" / "tokenizer").exists()
     assert m["splits"]["train"]["rows"] > 0
     # sft mode gives it the default chat template: tests/integration/test_foreign_tokenizer.py
+
+
+def _chat_inputs(d: Path) -> list[str]:
+    """Chat records in four formats, and one bad record of each kind; returns the answers."""
+    d.mkdir()
+    answers = [f"Answer number {i} is about Brookfield." for i in range(4)]
+    good = [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Question zero?"},
+                      {"role": "assistant", "content": answers[0]}]},
+        {"conversations": [{"from": "human", "value": "Question one?"},
+                           {"from": "gpt", "value": answers[1]}]},
+        {"question": "Question two?", "input": "Some context.", "answer": answers[2]},
+    ]  # fmt: skip
+    bad = [
+        {"dialog": "no known field"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+        {"question": "no answer"},
+    ]
+    (d / "a.jsonl").write_text("\n".join(json.dumps(r) for r in good + bad) + "\n")
+    pq.write_table(pa.table({"prompt": ["Question three?"], "completion": [answers[3]]}),
+                   d / "b.parquet")  # fmt: skip
+    return answers
+
+
+def test_sft_formats_are_detected_per_record_and_labelled(ray_local, tokenizer_dir, tmp_path):
+    answers = _chat_inputs(tmp_path / "in")
+    result = prepare_data(
+        tokenizer_dir, inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), mode="sft",
+        seq_len=64, validation_fraction=0.0,
+        sft={"columns": {"instruction": "question", "output": "answer"}},
+    )  # fmt: skip
+    m = result.manifest
+    assert m["documents_kept"] == 4
+    assert m["rejected"] == {"missing_field": 1, "unknown_format": 1, "unknown_role": 1}
+    samples = {k: v[0] for k, v in m["rejected_samples"].items()}
+    assert samples["unknown_format"].startswith(f"{tmp_path}/in/a.jsonl:4: no messages, ")
+    assert samples["unknown_role"].startswith(f"{tmp_path}/in/a.jsonl:5: conversations[1].from "
+                                              "is 'bot'")  # fmt: skip
+    assert samples["missing_field"] == (f"{tmp_path}/in/a.jsonl:6: no 'answer' field for format "
+                                        "alpaca (record fields: question)")  # fmt: skip
+    tok = load_tokenizer(tokenizer_dir)
+    table = read_split(result.output, m, "train")
+    ids = np.array(table.column("input_ids").to_pylist())
+    labels = np.array(table.column("labels").to_pylist())
+    end_id = tok.convert_tokens_to_ids("<|end|>")
+    assert assistant_spans(ids, labels != IGNORE_INDEX, tok, end_id, set(answers)) == 4
+    text = tok.decode(ids.ravel())
+    assert "<|system|>\nBe brief.<|end|>" in text
+    assert "<|user|>\nQuestion two?\nSome context.<|end|>" in text
+
+
+def test_preference_pairs_are_written_one_per_row(ray_local, tokenizer_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    pairs = [
+        {"prompt": f"Where does Anna live, {i}?", "chosen": f"In Brookfield {i}.",
+         "rejected": f"In the town {i}."} for i in range(3)
+    ] + [{"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."}]  # fmt: skip
+    (tmp_path / "in" / "p.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    result = prepare_data(tokenizer_dir, inputs=[str(tmp_path / "in")], mode="preference",
+                          output=str(tmp_path / "out"), seq_len=64, validation_fraction=0.0)  # fmt: skip
+    m = result.manifest
+    assert (m["mode"], m["documents_kept"], m["rejected"]) == (
+        "preference",
+        3,
+        {"identical_answers": 1},
+    )
+    assert m["rejected_samples"]["identical_answers"] == [
+        f"{tmp_path}/in/p.jsonl:4: 'chosen' and 'rejected' are the same text"
+    ]
+    rows = read_split(result.output, m, "train").to_pylist()
+    assert [r["row_id"] for r in rows] == [0, 1, 2]
+    tok = load_tokenizer(tokenizer_dir)
+    for row, pair in zip(rows, pairs, strict=False):
+        for side in ("chosen", "rejected"):
+            ids, labels = np.array(row[f"{side}_input_ids"]), np.array(row[f"{side}_labels"])
+            assert tok.decode(ids[labels != IGNORE_INDEX]) == f"{pair[side]}<|end|>"
+            assert tok.decode(ids).startswith(f"<|user|>\n{pair['prompt']}<|end|><|assistant|>")
+    assert m["tokens"] == sum(
+        len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows
+    )
