@@ -60,6 +60,7 @@ class DatasetInfo:
     has_labels: bool = False
     tokenizer_fingerprint: str = ""
     packed: bool = True  # rows may hold several documents (older manifests: assumed)
+    mode: str = "pretrain"  # data.mode it was prepared with: pretrain, sft or preference
 
 
 def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
@@ -93,6 +94,7 @@ def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
         files=files,
         has_labels=has_labels,
         packed=bool(manifest.get("packed", True)),
+        mode=str(manifest.get("mode", "sft" if has_labels else "pretrain")),
     )
 
 

@@ -111,6 +111,10 @@ def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int
     return vocab, int(pad)
 
 
+# data.mode values each train.task can read: SFT may mix pretraining text in (loss on every token).
+_TASK_MODES = {"pretrain": ("pretrain",), "sft": ("sft", "pretrain")}
+
+
 def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
     if not cfg.train.datasets:
         raise TrainConfigError(
@@ -120,6 +124,13 @@ def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
         dataset_info(d.path, key=f"train.datasets[{i}].path")
         for i, d in enumerate(cfg.train.datasets)
     ]
+    for i, info in enumerate(infos):
+        if info.mode not in _TASK_MODES[cfg.train.task]:
+            raise TrainConfigError(
+                f"train.datasets[{i}].path: {info.path} was prepared with data.mode "
+                f"{info.mode}, which train.task {cfg.train.task} cannot train on (it takes "
+                f"{' or '.join(_TASK_MODES[cfg.train.task])} data)"
+            )
     seq_lens = {i.seq_len for i in infos}
     if len(seq_lens) > 1:
         raise TrainConfigError(

@@ -138,3 +138,22 @@ def test_datasets_from_different_tokenizers_are_refused(tmp_path) -> None:
                              "train.global_batch_tokens=64", "model.preset=tiny"])  # fmt: skip
     with pytest.raises(TrainConfigError, match=r"train\.datasets\[1\]\.path: .*another tokenizer"):
         plan_job(cfg)
+
+
+@pytest.mark.parametrize(("task", "mode"), [("pretrain", "sft"), ("sft", "preference")])
+def test_a_dataset_whose_mode_does_not_fit_the_task_is_refused(tmp_path, task, mode) -> None:
+    import json
+
+    from cluster.config import load_config
+    from training.errors import TrainConfigError
+    from training.launcher import plan_job
+    from training.synthetic import write_synthetic_dataset
+
+    ds = write_synthetic_dataset(tmp_path / "ds", train_rows=16, seq_len=16)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_text(json.dumps({**manifest, "mode": mode}))
+    cfg = load_config(None, [f"train.datasets=[{ds}]", f"train.storage_path={tmp_path}",
+                             "train.global_batch_tokens=64", f"train.task={task}"])  # fmt: skip
+    match = rf"train\.datasets\[0\]\.path: .* data\.mode {mode}, which train\.task {task} cannot"
+    with pytest.raises(TrainConfigError, match=match):
+        plan_job(cfg)
