@@ -121,3 +121,46 @@ def test_zero3_load_of_a_non_llama_base_is_partitioned(runs) -> None:
     for info in infos:
         # ZeRO-3 pads each parameter to a multiple of the world size: at most 1 extra element each.
         assert total / 2 <= info["local_params"] <= total / 2 + 64
+
+
+def test_own_checkpoint_tokenizer_template_and_alpaca_data(
+    synth_corpus, tokenizer, tmp_path
+) -> None:
+    """The README's bring-your-own path: a Qwen2 checkpoint with its own ChatML tokenizer and
+    template, Alpaca records, `data prepare` -> LoRA `train` on 2 ranks -> `export`."""
+    import copy
+
+    from tests.conftest import prepare_data
+    from tests.unit.test_chat_templates import QWEN_2_5
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                            "extra_special_tokens": ["<|im_start|>"]},
+                           replace_extra_special_tokens=False)  # fmt: skip
+    tok.chat_template = QWEN_2_5
+    base = save_tiny_model("qwen2", tmp_path / "qwen2", tok)
+    records = [json.loads(x) for f in sorted((synth_corpus / "sft" / "train").glob("*.jsonl"))
+               for x in f.read_text().splitlines()][:400]  # fmt: skip
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": r["messages"][0]["content"],
+                                          "output": r["messages"][1]["content"]}) + "\n"
+                              for r in records))  # fmt: skip
+    data = prepare_data(base, inputs=[str(alpaca)], output=str(tmp_path / "data"), mode="sft",
+                        seq_len=128, validation_fraction=0.1, sft={"pack": True})  # fmt: skip
+    assert data.manifest["documents_kept"] > 300 and data.manifest["tokenizer"]["path"] == str(base)
+    cfg = load_config(None, [
+        "name=byo", f"train.storage_path={tmp_path / 'runs'}", "train.task=sft",
+        f"train.datasets=[{data.output}]", f"model.init_from={base}", "train.lora.enabled=true",
+        "train.global_batch_tokens=1024", "train.micro_batch_size=2", "train.max_steps=2",
+        "train.warmup_steps=0", "train.eval_batches=1", "scaling.num_workers=2",
+    ])  # fmt: skip
+    run_loop(plan_job(cfg), world=2)
+    out = export(run_dir(cfg), tmp_path / "export")
+    exported = load_tokenizer(out)
+    assert exported.chat_template == QWEN_2_5
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert exported.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    prompt = exported.apply_chat_template([{"role": "user", "content": records[0]["messages"][0]
+                                            ["content"]}], tokenize=False,
+                                          add_generation_prompt=True)  # fmt: skip
+    assert prompt.endswith("<|im_start|>assistant\n")
