@@ -494,7 +494,8 @@ def _manifest(cfg: DataConfig, plan: Plan, tally: _Tally, writers, tok, pad_id, 
         pad_token_id=pad_id,
         eos_token_id=tok.eos_token_id,
         splits={
-            s: {"rows": w.rows, "tokens": w.tokens, "files": w.files} for s, w in writers.items()
+            s: {"rows": w.rows, "tokens": w.tokens, "files": w.files, "layout": w.layout}
+            for s, w in writers.items()
         },
         checksums={f"{s}/{n}": h for s, w in writers.items() for n, h in w.checksums.items()},
         file_sizes={

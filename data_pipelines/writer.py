@@ -31,7 +31,7 @@ def row_schema(with_labels: bool, columns: tuple[str, ...] | None = None) -> pa.
                      + [pa.field(n, pa.list_(pa.int32())) for n in names])  # fmt: skip
 
 
-def rows_per_group(list_columns: int, seq_len: int, target_bytes: int = 1 << 20) -> int:
+def rows_per_group(list_columns: int, seq_len: int, target_bytes: int = 1 << 18) -> int:
     """Rows per parquet row group so one group holds about ``target_bytes`` of int32 tokens:
     training reads rows at random positions one row group at a time (``training.data``)."""
     return max(1, min(4096, target_bytes // max(1, 4 * seq_len * list_columns)))
@@ -67,6 +67,9 @@ class ShardWriter:
         self.columns = columns or _token_columns(with_labels)
         self.schema = row_schema(with_labels, self.columns)
         self.files: list[str] = []
+        # per file [rows, rows per row group]; row_ids run on from file to file (first = rows so
+        # far), so a reader finds any row from this alone (training.data)
+        self.layout: list[list[int]] = []
         self.checksums: dict[str, str] = {}
         self.rows = 0
         self.tokens = 0
@@ -96,5 +99,6 @@ class ShardWriter:
         pq.write_table(table, path, compression="zstd", write_statistics=False,
                        row_group_size=group)  # fmt: skip
         self.files.append(name)
+        self.layout.append([len(rows), group])
         self.checksums[name] = file_sha256(path)
         self.rows += len(rows)

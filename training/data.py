@@ -61,6 +61,7 @@ class DatasetInfo:
     tokenizer_fingerprint: str = ""
     packed: bool = True  # rows may hold several documents (older manifests: assumed)
     mode: str = "pretrain"  # data.mode it was prepared with: pretrain, sft or preference
+    layouts: dict[str, list[list[int]]] = field(default_factory=dict)  # split -> [rows, group rows]
 
 
 def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
@@ -95,6 +96,11 @@ def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
         has_labels=has_labels,
         packed=bool(manifest.get("packed", True)),
         mode=str(manifest.get("mode", "sft" if has_labels else "pretrain")),
+        layouts={
+            s: splits[s]["layout"]
+            for s in ("train", "validation")
+            if splits.get(s, {}).get("layout")
+        },  # fmt: skip
     )
 
 
@@ -166,26 +172,61 @@ def rank_row_order(
     return EpochShard(rows=shard.rows[..., 1], steps=shard.steps, dropped=shard.dropped)
 
 
+def _list_matrix(col: Any) -> np.ndarray:
+    """A list<int32> column of fixed-length rows (exactly seq_len) as a (rows, seq) int32 array:
+    views of each chunk's values buffer, no per-row objects (combine/flatten cost ~1 ms a group)."""
+    parts = []
+    for chunk in col.chunks:
+        offsets = chunk.offsets.to_numpy()
+        flat = chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        parts.append(flat.reshape(len(chunk), -1))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class _SplitReader:
     """Rows of one dataset split, addressed by position in ascending row_id order, read per step.
 
-    Up front only the ``row_id`` column (8 bytes per row) and the parquet footers are read: an
-    index from position to (file, row group, row). A read decodes just the row groups holding
-    the wanted rows, keeping the last few decoded groups (``cache_groups``), so memory does not
-    grow with the dataset and consecutive positions of one group are decoded once. ``data
-    prepare`` writes row groups of about 1 MB for this.
+    Where a row lives comes from the manifest's ``layout`` (rows and rows per row group of each
+    file, row_ids running on from file to file): nothing is read up front. Outputs without one
+    are indexed from each file's ``row_id`` column and footer (8 bytes per row). A read decodes
+    just the row groups holding the wanted rows, keeping the last few decoded (``cache_groups``),
+    so memory does not grow with the dataset; ``data prepare`` writes row groups of about 256 KB.
 
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
     SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
     still masks padding and document starts).
     """
 
-    def __init__(self, files: list[str], columns: list[str], cache_groups: int = 16):
-        self.files = [pq.ParquetFile(f) for f in files]
-        self.fill_labels = "labels" in columns and "labels" not in self.files[0].schema_arrow.names
+    def __init__(
+        self,
+        files: list[str],
+        columns: list[str],
+        layout: list[list[int]] | None = None,
+        cache_groups: int = 16,
+    ):
+        self.paths = files
+        first = pq.ParquetFile(files[0])
+        self.fill_labels = "labels" in columns and "labels" not in first.schema_arrow.names
         self.columns = [c for c in columns if not (c == "labels" and self.fill_labels)]
+        if layout and len(layout) == len(files):
+            # The manifest's [rows, rows per group] per file, row_ids running on from file to
+            # file: nothing to read up front, whatever the dataset size.
+            rows = np.asarray([r for r, _ in layout], dtype=np.int64)
+            self._starts = np.concatenate([[0], np.cumsum(rows)])
+            self._group_rows = np.asarray([g for _, g in layout], dtype=np.int64)
+            self._size = int(self._starts[-1])
+            self._file = self._group = self._row = None
+        else:
+            self._index_from_files()
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self._cache_groups = cache_groups
+        self._lock = threading.Lock()  # the prefetch thread and eval may read concurrently
+
+    def _index_from_files(self) -> None:
+        """Outputs without a layout in the manifest: the row_id column and footers of every file."""
         ids, file_of, group_of, row_of = [], [], [], []
-        for k, pf in enumerate(self.files):
+        for k, path in enumerate(self.paths):
+            pf = pq.ParquetFile(path)
             file_ids = pf.read(columns=["row_id"])["row_id"].to_numpy()
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
             ids.append(file_ids)
@@ -194,19 +235,25 @@ class _SplitReader:
             row_of.append(np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]))
         all_ids = np.concatenate(ids)
         order = np.argsort(all_ids, kind="stable")
-        self.sorted_ids = all_ids[order]
-        if np.any(self.sorted_ids[1:] == self.sorted_ids[:-1]):
-            raise TrainConfigError(f"{Path(files[0]).parent}: duplicate row_id values")
+        sorted_ids = all_ids[order]
+        if np.any(sorted_ids[1:] == sorted_ids[:-1]):
+            raise TrainConfigError(f"{Path(self.paths[0]).parent}: duplicate row_id values")
         # position -> where the row lives; (n,) int32 each
         self._file = np.concatenate(file_of)[order]
         self._group = np.concatenate(group_of)[order]
         self._row = np.concatenate(row_of)[order]
-        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
-        self._cache_groups = cache_groups
-        self._lock = threading.Lock()  # the prefetch thread and eval may read concurrently
+        self._size = len(sorted_ids)
+
+    def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file, row group, row in group) of each position in ascending row_id order."""
+        if self._file is not None:
+            return self._file[positions], self._group[positions], self._row[positions]
+        files = np.searchsorted(self._starts, positions, side="right") - 1
+        groups, rows = np.divmod(positions - self._starts[files], self._group_rows[files])
+        return files, groups, rows
 
     def __len__(self) -> int:
-        return len(self.sorted_ids)
+        return self._size
 
     def _decoded(self, file: int, group: int) -> dict[str, np.ndarray]:
         """One row group as numpy: row_id (n,) int64, list columns (n, seq) int32."""
@@ -214,14 +261,10 @@ class _SplitReader:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = self.files[file].read_row_group(group, columns=self.columns)
+        table = pq.ParquetFile(self.paths[file]).read_row_group(group, columns=self.columns)
         out = {}
         for c in self.columns:
-            col = table[c].combine_chunks()
-            if c == "row_id":
-                out[c] = col.to_numpy()
-            else:  # fixed-length lists (exactly seq_len): one reshape, no per-row objects
-                out[c] = col.flatten().to_numpy().astype(np.int32).reshape(len(col), -1)
+            out[c] = table[c].to_numpy() if c == "row_id" else _list_matrix(table[c])
         self._cache[key] = out
         if len(self._cache) > self._cache_groups:
             self._cache.popitem(last=False)
@@ -230,7 +273,7 @@ class _SplitReader:
     def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         """Rows at ``positions`` (any order, repeats allowed), each row group decoded once."""
         positions = np.asarray(positions, dtype=np.int64)
-        files, groups, rows = self._file[positions], self._group[positions], self._row[positions]
+        files, groups, rows = self._locate(positions)
         out: dict[str, np.ndarray] = {}
         with self._lock:
             for f, g in sorted(set(zip(files.tolist(), groups.tolist(), strict=True))):
@@ -258,7 +301,8 @@ class MixedRows:
     def __init__(self, infos: list[DatasetInfo], weights: list[float], seed: int,
                  global_rows: int, micro_batch: int, world_size: int, rank: int):  # fmt: skip
         self.columns = _columns(infos)
-        self.readers = [_SplitReader(i.files["train"], self.columns) for i in infos]
+        self.readers = [_SplitReader(i.files["train"], self.columns, i.layouts.get("train"))
+                        for i in infos]  # fmt: skip
         self.sizes = [len(r) for r in self.readers]
         self.weights, self.seed = list(weights), seed
         self.global_rows, self.micro_batch = global_rows, micro_batch
@@ -359,7 +403,7 @@ def validation_batches(
     """
     # SFT: the held-out loss covers assistant tokens only, as in training.
     columns = _columns(infos)
-    readers = [_SplitReader(i.files["validation"], columns)
+    readers = [_SplitReader(i.files["validation"], columns, i.layouts.get("validation"))
                for i in infos if i.rows["validation"] > 0 and i.files["validation"]]  # fmt: skip
     total = sum(len(r) for r in readers)
     per_rank = min(max_batches, total // (micro_batch * world_size))

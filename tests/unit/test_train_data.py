@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -157,3 +158,41 @@ def test_a_dataset_whose_mode_does_not_fit_the_task_is_refused(tmp_path, task, m
     match = rf"train\.datasets\[0\]\.path: .* data\.mode {mode}, which train\.task {task} cannot"
     with pytest.raises(TrainConfigError, match=match):
         plan_job(cfg)
+
+
+def test_layout_index_reads_the_same_rows_as_the_row_id_index(tmp_path) -> None:
+    """A `data prepare`-style output read through its manifest layout (nothing read up front)
+    gives the rows the row_id-column index gives, for training steps and validation."""
+    import json
+
+    from data_pipelines.pack import PackedRow
+    from data_pipelines.writer import ShardWriter
+    from training.data import MixedRows, dataset_info, validation_batches
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 300), ("validation", 40)):
+        w = ShardWriter(tmp_path / "ds" / split, rows_per_file=70, with_labels=False)
+        for _ in range(n):
+            ids = rng.integers(0, 1000, 2048, dtype=np.int32)
+            w.add(PackedRow(ids, np.arange(2048, dtype=np.int32), None, 2048))
+        w.close()
+        assert all(g < r for r, g in w.layout[:-1])  # several row groups per file
+        splits[split] = {"rows": w.rows, "files": w.files, "layout": w.layout}
+    manifest = {"mode": "pretrain", "seq_len": 2048, "splits": splits, "tokenizer": {}}
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with_layout = dataset_info(str(tmp_path / "ds"))
+    assert with_layout.layouts["train"] == splits["train"]["layout"]
+    without = dataclasses.replace(with_layout, layouts={})
+    runs = [
+        list(MixedRows([i], [1.0], 3, 16, 4, 2, 1).iter_steps(0, 9)) for i in (with_layout, without)
+    ]
+    for a, b in zip(*runs, strict=True):
+        for mb_a, mb_b in zip(a, b, strict=True):
+            for c in mb_a:
+                np.testing.assert_array_equal(mb_a[c], mb_b[c])
+    va, vb = (validation_batches([i], 4, 2, 1, 3) for i in (with_layout, without))
+    assert len(va) == len(vb) == 3
+    for mb_a, mb_b in zip(va, vb, strict=True):
+        np.testing.assert_array_equal(mb_a["row_id"], mb_b["row_id"])
+        np.testing.assert_array_equal(mb_a["input_ids"], mb_b["input_ids"])
