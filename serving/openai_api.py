@@ -142,7 +142,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 # An oversized body is still read (and dropped) up to this many bytes before the 413 goes out: a
 # server that answers and closes while the client is still sending resets the connection, and the
 # client sees "connection reset" instead of the error. Past this, the client is cut off.
-DRAIN_BYTES = 64 * 2**20
+_DRAIN_BYTES = 64 * 2**20
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -153,14 +153,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared > limit:
         # A client waiting for "100 Continue" has sent nothing yet: answer without reading.
         waiting = request.headers.get("expect", "").lower() == "100-continue"
-        if waiting or declared > DRAIN_BYTES:
+        if waiting or declared > _DRAIN_BYTES:
             raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size <= limit:
             chunks.append(chunk)
-        elif size > DRAIN_BYTES:
+        elif size > _DRAIN_BYTES:
             break
     if size > limit:
         raise too_big

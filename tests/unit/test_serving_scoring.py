@@ -116,6 +116,11 @@ def test_echo_without_logprobs_returns_the_prompt_and_runs_nothing(client, engin
     assert [c["text"] for c in body["choices"]] == ["a b", "The parrot"]
     assert all(c["logprobs"] is None and c["finish_reason"] == "length" for c in body["choices"])
     assert body["usage"]["completion_tokens"] == 0
+    streamed = client.post(COMP, json={"model": MODEL, "prompt": "a b", "echo": True,
+                                       "max_tokens": 0, "stream": True})  # fmt: skip
+    frames = [json.loads(f[6:]) for f in streamed.text.split("\n\n") if f.startswith("data: {")]
+    assert [f["choices"][0]["text"] for f in frames] == ["a b"]
+    assert frames[0]["choices"][0]["finish_reason"] == "length"
     assert engine.stats()["requests"] == before
     # A token prompt is echoed as its decoded text, special tokens kept.
     bos = engine.tokenizer.bos_token_id
