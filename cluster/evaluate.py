@@ -1,23 +1,50 @@
-"""``raylm eval`` composed: training's perplexity and scoring + serving's engine for generation.
+"""``raylm eval`` composed: training's perplexity and scoring + serving's engine for generation +
+lm-evaluation-harness for its tasks.
 
 ``training.evaluate`` owns the checks, perplexity, scoring and eval.json; it takes generation as a
 callable so it never imports ``serving``. Here that callable is built from the built-in engine
 (continuous batching, KV cache): prompts go through the model tokenizer's chat template with the
 generation prompt, decoding is greedy and stops at the eos ids of the model's generation_config
 or an end-of-turn token, exactly as a chat request to ``raylm serve`` would.
+
+``eval.harness_tasks`` run through lm-eval (an optional extra, imported only when asked for): its
+``hf`` model on ``eval.model`` in this process, or its ``local-completions`` model against a running
+endpoint (``eval.harness_endpoint``), which scores through ``/v1/completions`` with ``echo``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from training.config import EvalConfig
-from training.evaluate import EvalPlan, Generate, Messages, PromptError, evaluate, plan_eval
+from training.evaluate import (
+    EvalError,
+    EvalPlan,
+    Generate,
+    Messages,
+    PromptError,
+    evaluate,
+    plan_eval,
+)
 
-__all__ = ["chat_prompt_ids", "engine_generate", "engine_session", "run_eval"]
+__all__ = [
+    "HarnessPlan",
+    "chat_prompt_ids",
+    "engine_generate",
+    "engine_session",
+    "plan_harness",
+    "require_lm_eval",
+    "run_eval",
+    "run_harness",
+]
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
@@ -87,11 +114,162 @@ def engine_session(plan: EvalPlan, progress: bool = False) -> Iterator[Generate]
         engine.shutdown()
 
 
+# ---------------------------------------------------------------- lm-evaluation-harness
+
+
+def require_lm_eval() -> None:
+    """EvalError naming eval.harness_tasks and the install command when lm-eval is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvalError(
+            "eval.harness_tasks: needs lm-evaluation-harness, which is not installed; "
+            "pip install raylm[eval]"
+        ) from None
+
+
+@dataclass
+class HarnessPlan:
+    """How the lm-eval tasks run: lm-eval's model name and arguments, and the resolved tasks."""
+
+    model: str  # "hf" (in-process) | "local-completions" (eval.harness_endpoint)
+    model_args: dict[str, Any]
+    tasks: list[str]
+    task_manager: Any  # lm_eval.tasks.TaskManager over eval.harness_include_path (+ built-ins)
+    limit: int | None
+    batch_size: int
+    device: str
+
+
+def _task_manager(cfg: EvalConfig) -> Any:
+    """lm-eval's task index; lm-eval's own tasks (~15k YAMLs, seconds) only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    for i, path in enumerate(cfg.harness_include_path):
+        if not Path(path).is_dir():
+            raise EvalError(f"eval.harness_include_path[{i}]: {path}: no such directory")
+    if cfg.harness_include_path:
+        local = TaskManager(include_path=cfg.harness_include_path, include_defaults=False)
+        if all(local.match_tasks([t]) for t in cfg.harness_tasks):
+            return local
+    tm = TaskManager(include_path=cfg.harness_include_path or None)
+    for i, task in enumerate(cfg.harness_tasks):
+        if not tm.match_tasks([task]):
+            where = " or eval.harness_include_path" if cfg.harness_include_path else ""
+            raise EvalError(f"eval.harness_tasks[{i}]: {task!r}: no such lm-eval task{where}")
+    return tm
+
+
+def _endpoint_model(cfg: EvalConfig) -> str:
+    """The served model the endpoint scores with (checked against its /v1/models)."""
+    import urllib.request
+
+    url = cfg.harness_endpoint.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise EvalError(f"eval.harness_endpoint: {url}: not an http(s) URL (e.g. .../v1)")
+    key = os.environ.get("OPENAI_API_KEY", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/models", headers=headers),
+                                    timeout=30) as resp:  # fmt: skip
+            served = [m["id"] for m in json.loads(resp.read())["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # URLError, HTTPError are OSErrors
+        raise EvalError(
+            f"eval.harness_endpoint: {url}/models did not list models ({exc})"
+        ) from None
+    name = cfg.harness_endpoint_model or (served[0] if served else "")
+    if name not in served:
+        raise EvalError(f"eval.harness_endpoint_model: {name!r} is not served at {url} "
+                        f"(served: {', '.join(served) or 'none'})")  # fmt: skip
+    return name
+
+
+def _context_length(model_dir: Path) -> int:
+    """The model's context from config.json (lm-eval's API models assume 2048 otherwise)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def plan_harness(plan: EvalPlan) -> HarnessPlan | None:
+    """Check eval.harness_* (task names, dirs, endpoint) before any model loads; None: no tasks."""
+    cfg = plan.cfg
+    if not cfg.harness_tasks:
+        return None
+    require_lm_eval()
+    tm = _task_manager(cfg)
+    if cfg.harness_endpoint:
+        model = "local-completions"
+        args: dict[str, Any] = {
+            "model": _endpoint_model(cfg),
+            "base_url": f"{cfg.harness_endpoint.rstrip('/')}/completions",
+            # The export's tokenizer splits context and continuation, as the endpoint does.
+            "tokenizer_backend": "huggingface",
+            "tokenizer": str(plan.model_dir),
+            "max_length": _context_length(plan.model_dir),
+            "num_concurrent": 2,  # one request in flight while the next is built
+        }
+    else:
+        model, args = "hf", {"pretrained": str(plan.model_dir), "dtype": plan.dtype}
+    limit = cfg.harness_limit or None
+    return HarnessPlan(model, args, list(cfg.harness_tasks), tm, limit, cfg.batch_size, plan.device)
+
+
+def _harness_metrics(values: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...} -> (metrics, stderrs)."""
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    for key, value in values.items():
+        if "," not in key or isinstance(value, str) or value is None:
+            continue  # alias, name, sample_len; "N/A" stderrs
+        metric, filt = key.split(",", 1)
+        name = metric.removesuffix("_stderr")
+        name = name if filt == "none" else f"{name} ({filt})"
+        (stderr if metric.endswith("_stderr") else metrics)[name] = float(value)
+    return metrics, stderr
+
+
+def run_harness(hp: HarnessPlan) -> dict[str, Any]:
+    """Run the lm-eval tasks; eval.json's "harness" entry (metrics on lm-eval's scale)."""
+    import lm_eval
+
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=hp.model,
+        model_args=hp.model_args,
+        tasks=hp.tasks,
+        task_manager=hp.task_manager,
+        limit=hp.limit,
+        batch_size=hp.batch_size,
+        device=hp.device,
+        log_samples=False,
+    )
+    counts = out.get("n-samples", {})
+    tasks = []
+    for task, values in out["results"].items():
+        metrics, stderr = _harness_metrics(values)
+        n = counts.get(task, {}).get("effective", "")
+        tasks.append({"task": task, "n": n, "metrics": metrics, "stderr": stderr,
+                      "version": out.get("versions", {}).get(task)})  # fmt: skip
+    return {
+        "lm_eval": lm_eval.__version__,
+        "model": hp.model,
+        "endpoint": hp.model_args.get("base_url"),
+        "limit": hp.limit,
+        "tasks": tasks,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
 def run_eval(cfg: EvalConfig, name: str, progress: bool = False) -> dict[str, Any]:
     """Check, run and write one evaluation; returns eval.json's content.
 
     Raises ``training.evaluate.EvalError`` (naming the config key, file or file:line) before any
-    model loads when the inputs are unusable. eval.json goes to ``training.evaluate.eval_output``.
+    model loads when the inputs are unusable (lm-eval missing for eval.harness_tasks included).
+    eval.json goes to ``training.evaluate.eval_output``.
     """
+    if cfg.harness_tasks:
+        require_lm_eval()
     plan = plan_eval(cfg, name)
-    return evaluate(plan, lambda: engine_session(plan, progress))
+    hp = plan_harness(plan)
+    harness = (lambda: run_harness(hp)) if hp is not None else None
+    return evaluate(plan, lambda: engine_session(plan, progress), harness)

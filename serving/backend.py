@@ -67,7 +67,9 @@ class TokenEvent:
     """One decode step of one sequence.
 
     ``text`` is the newly final text (may be "" while a stop string or a UTF-8 character is pending).
-    The last event has ``finish_reason`` ("stop" or "length") and ``usage``.
+    The last event has ``finish_reason`` ("stop" or "length") and ``usage``. A sequence that asked
+    for ``prompt_logprobs`` gets them on its first event, one entry per prompt token (the first
+    token's is None); with ``max_tokens`` 0 that is its only event, with no tokens.
     """
 
     token_ids: tuple[int, ...]
@@ -75,6 +77,7 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def merge_events(events: list[TokenEvent]) -> TokenEvent:
@@ -87,6 +90,7 @@ def merge_events(events: list[TokenEvent]) -> TokenEvent:
         logprobs=tuple(lp for ev in events for lp in ev.logprobs),
         finish_reason=events[-1].finish_reason,
         usage=events[-1].usage,
+        prompt_logprobs=events[0].prompt_logprobs,
     )
 
 

@@ -36,7 +36,13 @@ from serving.backend import (
 )
 from serving.config import EngineConfig
 from serving.detok import IncrementalDetokenizer
-from serving.sampling import SamplingParams, TokenLogprob, make_generator, sample_token
+from serving.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    prompt_logprobs,
+    sample_token,
+)
 
 __all__ = ["Completion", "Engine", "EngineObserver", "RequestStats", "load_model"]
 
@@ -112,6 +118,7 @@ class _Seq:
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
     counts: torch.Tensor | None = None  # (vocab,) float32 generated-token counts, for penalties
+    prompt_lps: tuple[TokenLogprob | None, ...] | None = None  # until sent on the first event
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
@@ -195,6 +202,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     logprobs: list[TokenLogprob]
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class _AsyncStream:
@@ -308,6 +316,7 @@ class Engine:
         ids: list[int] = []
         texts: list[str] = []
         lps: list[TokenLogprob] = []
+        prompt_lps = None
         while True:
             item = q.get()
             if isinstance(item, BaseException):
@@ -316,9 +325,11 @@ class Engine:
             ids += item.token_ids
             texts.append(item.text)
             lps += item.logprobs
+            prompt_lps = prompt_lps or item.prompt_logprobs
             if item.finish_reason is not None:
                 usage = item.usage or Usage(len(prompt_ids), len(ids))
-                return Completion(ids, "".join(texts), item.finish_reason, usage, lps)
+                text = "".join(texts)
+                return Completion(ids, text, item.finish_reason, usage, lps, prompt_lps)
 
     def cancel(self, seq: _Seq) -> None:
         """Free the sequence's slot: a waiting one leaves the queue now, a running one next step."""
@@ -492,7 +503,19 @@ class Engine:
         return chosen
 
     def _prefill(self, seqs: list[_Seq]) -> None:
-        """One left-padded forward over the newcomers' prompts; their first token joins the batch."""
+        """Prefill the newcomers; sequences scoring their prompt go in a forward of their own.
+
+        Only that forward keeps every position's logits (batch, width, vocab); the others keep the
+        last position's, so a request that asks for no prompt logprobs pays nothing for them.
+        """
+        plain = [s for s in seqs if s.params.prompt_logprobs is None]
+        scoring = [s for s in seqs if s.params.prompt_logprobs is not None]
+        for group in (plain, scoring):
+            if group:
+                self._prefill_group(group, all_logits=group is scoring)
+
+    def _prefill_group(self, seqs: list[_Seq], all_logits: bool) -> None:
+        """One left-padded forward over the prompts; their first token joins the batch."""
         from transformers import DynamicCache
 
         width = max(len(s.prompt_ids) for s in seqs)
@@ -511,9 +534,16 @@ class Engine:
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,  # 0: every position
         )
+        if all_logits:
+            for row, seq in enumerate(seqs):  # row's real positions: the last len(prompt) columns
+                k = cast(int, seq.params.prompt_logprobs)
+                seq.prompt_lps = prompt_logprobs(
+                    out.logits[row, width - len(seq.prompt_ids) :], seq.prompt_ids, k
+                )
         tokens, keep = self._sample(seqs, out.logits[:, -1, :])
+        del out  # all_logits: (b, width, vocab), freed before the batch grows
         new = _Batch(seqs, cache, mask, mask.sum(1), tokens.to(self.device))
         if len(keep) < len(seqs):
             if not keep:
@@ -550,6 +580,10 @@ class Engine:
         tokens = torch.empty(len(seqs), dtype=torch.long)
         keep = []
         for i, seq in enumerate(seqs):
+            if seq.params.max_tokens == 0:  # scoring only: the prompt's logprobs are the answer
+                tokens[i] = self._pad_id
+                self._finish_unsampled(seq)
+                continue
             token, lp = sample_token(rows[i], seq.params, seq.generator, seq.counts)
             tokens[i] = token
             if self._advance(seq, token, lp, vocab=rows.shape[1]):
@@ -574,6 +608,14 @@ class Engine:
                 ttft, now - seq.t_submit, len(seq.prompt_ids), len(seq.generated), outcome
             )
             self._observe(self.observer.request_finished, stats)
+
+    def _finish_unsampled(self, seq: _Seq) -> None:
+        """End a ``max_tokens`` 0 sequence after its prefill: one event, no tokens."""
+        usage = Usage(len(seq.prompt_ids), 0)
+        event = TokenEvent((), "", (), "length", usage, seq.prompt_lps)
+        seq.prompt_lps = None
+        self._outbox.append((seq, event))
+        self._close(seq, "length")
 
     def _advance(self, seq: _Seq, token: int, lp: TokenLogprob | None, vocab: int) -> bool:
         """Record ``token`` for ``seq`` and queue its event. Returns False when the sequence is done."""
@@ -600,7 +642,9 @@ class Engine:
                 text += seq.detok.flush()
         usage = Usage(len(seq.prompt_ids), len(seq.generated)) if finish else None
         lps = (lp,) if lp is not None else ()
-        self._outbox.append((seq, TokenEvent((token,), text, lps, finish, usage)))
+        event = TokenEvent((token,), text, lps, finish, usage, seq.prompt_lps)
+        seq.prompt_lps = None  # sent once, on the first event
+        self._outbox.append((seq, event))
         if finish is not None or seq.cancelled:
             self._close(seq, finish or "cancelled")
             return False

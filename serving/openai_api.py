@@ -44,9 +44,12 @@ from serving.protocol import (
     envelope,
     new_id,
     parse_request,
+    prompt_entries,
     sampling_params,
     sse,
+    vllm_prompt_logprobs,
 )
+from serving.sampling import SamplingParams
 
 __all__ = ["ApiSettings", "ModelProvider", "StaticModels", "build_openai_app", "load_api_keys"]
 
@@ -136,18 +139,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(APIError(500, "Internal server error.", type="server_error"))
 
 
+# An oversized body is still read (and dropped) up to this many bytes before the 413 goes out: a
+# server that answers and closes while the client is still sending resets the connection, and the
+# client sees "connection reset" instead of the error. Past this, the client is cut off.
+_DRAIN_BYTES = 64 * 2**20
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 once it passes ``limit`` bytes (checked before and while reading)."""
+    """The request body, or 413 once it passes ``limit`` bytes (after draining the rest)."""
     too_big = APIError(413, f"Request body larger than {limit} bytes.", code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_big
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else None
+    if declared is not None and declared > limit:
+        # A client waiting for "100 Continue" has sent nothing yet: answer without reading.
+        waiting = request.headers.get("expect", "").lower() == "100-continue"
+        if waiting or declared > _DRAIN_BYTES:
+            raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > _DRAIN_BYTES:
+            break
+    if size > limit:
+        raise too_big
     return b"".join(chunks)
 
 
@@ -239,13 +255,17 @@ def _chat_prompt(tokenizer: Any, req: ChatRequest) -> list[int]:
 
 
 def _submit_all(
-    backend: Backend, jobs: list[tuple[list[int], Any]], settings: ApiSettings
+    backend: Backend, jobs: list[tuple[list[int], SamplingParams | None]], settings: ApiSettings
 ) -> list[GenerationStream]:
-    """Submit every (prompt ids, SamplingParams); all or nothing, so overload rejects the request."""
+    """Submit every (prompt ids, SamplingParams); all or nothing, so overload rejects the request.
+
+    A job without parameters (a prompt-only echo) runs nothing: its stream just ends."""
     streams: list[GenerationStream] = []
     try:
         for ids, params in jobs:
-            streams.append(backend.submit(ids, params))
+            streams.append(
+                backend.submit(ids, params) if params is not None else _PromptOnly(len(ids))
+            )
     except BaseException as exc:
         for s in streams:
             s.cancel()
@@ -429,46 +449,128 @@ def _streaming_response(frames: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+class _PromptOnly:
+    """The stream of a choice that only echoes its prompt (``max_tokens`` 0, no logprobs): it has
+    nothing to run, so it never reaches the backend."""
+
+    def __init__(self, prompt_len: int) -> None:
+        self._event: TokenEvent | None = TokenEvent((), "", (), "length", Usage(prompt_len, 0))
+
+    def __aiter__(self) -> _PromptOnly:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._event is None:
+            raise StopAsyncIteration
+        event, self._event = self._event, None
+        return event
+
+    def cancel(self) -> None:
+        self._event = None
+
+
+class _CompletionChoices:
+    """Builds ``/v1/completions`` choices from their events: echo, logprobs and prompt logprobs.
+
+    Choices are prompt-major (choice ``i`` answers prompt ``i // n``), as OpenAI orders them. With
+    ``echo`` a choice's text, tokens and logprobs start with its prompt's, offsets from the start
+    of the prompt; streamed, the prompt goes out with the choice's first frame.
+    """
+
+    def __init__(self, req: CompletionRequest, tokenizer: Any, prompts: list[list[int]]) -> None:
+        self.req, self.tok, self.prompts = req, tokenizer, prompts
+        self.texts = _prompt_texts(tokenizer, req.prompt, prompts) if req.echo else []
+        self._offsets: dict[int, int] = {}  # streamed: text offset of each choice's next token
+
+    def jobs(self, backend: Backend) -> list[tuple[list[int], SamplingParams | None]]:
+        """(prompt ids, engine parameters or None for a prompt-only echo) per choice."""
+        req, k = self.req, self.req.engine_prompt_logprobs
+        out: list[tuple[list[int], SamplingParams | None]] = []
+        for ids in self.prompts:
+            max_tokens = _budget(backend, len(ids), req.max_tokens, "prompt")
+            for j in range(req.n):
+                if max_tokens == 0 and k is None:
+                    out.append((ids, None))  # the prompt echoed alone: nothing to run
+                else:
+                    out.append((ids, sampling_params(req, max_tokens, req.logprobs, j, (), k)))
+        return out
+
+    def _logprobs(self, i: int, ev: TokenEvent, echo: bool, offset: int) -> dict | None:
+        if self.req.logprobs is None:
+            return None
+        entries = [(x.token_id, x) for x in ev.logprobs]
+        if echo:
+            prompt = prompt_entries(self.prompts[i // self.req.n], ev.prompt_logprobs)
+            entries = prompt + entries
+        return completion_logprobs(self.tok, entries, offset, self.req.logprobs)
+
+    def choice(self, i: int, events: list[TokenEvent]) -> tuple[dict, Usage]:
+        """A finished choice (non-streamed) and its usage."""
+        ev = merge_events(events)
+        text, finish = ev.text, ev.finish_reason or "length"
+        usage = ev.usage or Usage(0, len(ev.token_ids))
+        if self.req.echo:
+            text = self.texts[i // self.req.n] + text
+        lp = self._logprobs(i, ev, self.req.echo, 0)
+        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+        if self.req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.tok, ev.prompt_logprobs or (), self.req.prompt_logprobs
+            )
+        return choice, usage
+
+    def chunk(self, i: int, ev: TokenEvent) -> dict | None:
+        """The streamed choice of one frame (None: nothing to send yet)."""
+        echo = self.req.echo and i not in self._offsets
+        if not echo and not ev.text and ev.finish_reason is None and not ev.logprobs:
+            return None
+        text = (self.texts[i // self.req.n] if echo else "") + ev.text
+        # Offsets advance by token strings, as in the non-streamed answer, so they do not depend
+        # on how tokens were grouped into frames.
+        lp = self._logprobs(i, ev, echo, self._offsets.get(i, 0))
+        if lp is not None:
+            self._offsets[i] = self._offsets.get(i, 0) + sum(len(t) for t in lp["tokens"])
+        else:
+            self._offsets.setdefault(i, 0)
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
+
+
+def _prompt_texts(tokenizer: Any, prompt: Any, prompts: list[list[int]]) -> list[str]:
+    """Echoed prompt texts: a text prompt as sent, a token prompt decoded (specials kept)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], str):
+        return list(prompt)
+    return [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+
+
 async def _completions(
     request: Request, req: CompletionRequest, provider: ModelProvider, settings: ApiSettings
 ) -> Any:
     backend = await _backend_for(provider, req.model)
-    tok = backend.tokenizer
-    prompts = _completion_prompts(tok, req.prompt)
-    jobs = []
-    for ids in prompts:
-        max_tokens = _budget(backend, len(ids), req.max_tokens, "prompt")
-        jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j)) for j in range(req.n)]
-    streams = _submit_all(backend, jobs, settings)
-    rid, prompt_tokens = new_id("cmpl"), sum(len(p) for p in prompts)
+    choices = _CompletionChoices(
+        req, backend.tokenizer, _completion_prompts(backend.tokenizer, req.prompt)
+    )
+    streams = _submit_all(backend, choices.jobs(backend), settings)
+    rid, prompt_tokens = new_id("cmpl"), sum(len(p) for p in choices.prompts)
     if req.stream:
-        offsets = [0] * len(streams)
 
         def chunk(i: int, ev: TokenEvent) -> dict | None:
-            if not ev.text and ev.finish_reason is None and not ev.logprobs:
+            c = choices.chunk(i, ev)
+            if c is None:
                 return None
-            lp = None
-            if req.logprobs is not None:
-                # Offsets advance by token strings, as in the non-streamed answer, so they do not
-                # depend on how tokens were grouped into frames.
-                lp = completion_logprobs(tok, list(ev.logprobs), offsets[i])
-                offsets[i] += sum(len(t) for t in lp["tokens"])
-            c = {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
             return envelope("text_completion", rid, req.model, [c], None, _wants_usage(req))
 
         usage_chunk = _usage_chunk("text_completion", rid, req, prompt_tokens)
         frames = _sse_events(streams, [], chunk, usage_chunk, settings.stream_interval)
         return _streaming_response(frames)
     results = await _drain_all(request, streams)
-    choices, completion_tokens = [], 0
+    out, completion_tokens = [], 0
     for i, events in enumerate(results):
-        text, lps, finish, usage = collect_events(events)
+        choice, usage = choices.choice(i, events)
         completion_tokens += usage.completion_tokens
-        lp = completion_logprobs(tok, lps, 0) if req.logprobs is not None else None
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
-    return _json_result(
-        "text_completion", rid, req.model, choices, prompt_tokens, completion_tokens
-    )
+        out.append(choice)
+    return _json_result("text_completion", rid, req.model, out, prompt_tokens, completion_tokens)
 
 
 def _wants_usage(req: Any) -> bool:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.backend import TokenEvent, Usage
-from serving.sampling import SamplingParams, TokenLogprob
+from serving.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 __all__ = [
     "APIError",
@@ -39,7 +40,6 @@ UNSUPPORTED = (
     "prediction",
     "web_search_options",
     "reasoning_effort",
-    "echo",
     "suffix",
     "best_of",
 )
@@ -81,6 +81,9 @@ class StreamOptions(_Strict):
 
 
 class _Common(_Strict):
+    # UNSUPPORTED parameters that only this request kind refuses.
+    unsupported: ClassVar[tuple[str, ...]] = ()
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -96,7 +99,6 @@ class _Common(_Strict):
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
     # Off-by-default OpenAI fields that are accepted only at their "off" value (see UNSUPPORTED).
-    echo: bool = False
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     store: bool | None = None
@@ -106,8 +108,34 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    # 0 only with echo: score the prompt, generate nothing (as OpenAI's legacy API and vLLM).
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM extension: each prompt token's logprob, rank and top alternatives per choice.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
+
+    def check(self) -> None:
+        """What the field types alone cannot say; APIError(400) naming the parameter."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400,
+                "'max_tokens': 0 generates nothing; it scores the prompt with 'echo': true.",
+                param="max_tokens",
+            )
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(
+                400, "'prompt_logprobs' is not available with 'stream': true.",
+                param="prompt_logprobs",
+            )  # fmt: skip
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token the engine computes (None: no prompt logprobs at all)."""
+        wanted = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        ks = [k for k in wanted if k is not None]
+        return max(ks) if ks else None
 
 
 class TextPart(_Strict):
@@ -122,6 +150,8 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Common):
+    unsupported: ClassVar[tuple[str, ...]] = ("echo",)  # a completions-only parameter
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -165,7 +195,8 @@ def parse_request(body: bytes, schema: type[_Common]) -> _Common:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
-    bad = [k for k in UNSUPPORTED if k in data and not _is_off(k, data[k])]
+    refused = UNSUPPORTED + schema.unsupported
+    bad = [k for k in refused if k in data and not _is_off(k, data[k])]
     if bad:
         raise APIError(
             400,
@@ -173,14 +204,17 @@ def parse_request(body: bytes, schema: type[_Common]) -> _Common:
             param=bad[0],
             code="unsupported_parameter",
         )
-    for k in UNSUPPORTED:  # accepted "off" values are dropped, not stored
+    for k in refused:  # accepted "off" values are dropped, not stored
         if k in data and k not in schema.model_fields:
             del data[k]
     try:
         # JSON-mode strict validation: ints are valid floats, but "5" is not an int.
-        return schema.model_validate_json(json.dumps(data))
+        req = schema.model_validate_json(json.dumps(data))
     except ValidationError as err:
         raise _first_error(err) from None
+    if isinstance(req, CompletionRequest):
+        req.check()
+    return req
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -198,6 +232,7 @@ def sampling_params(
     logprobs: int | None,
     choice: int,
     stop_token_ids: tuple[int, ...] = (),
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Engine parameters for choice ``choice`` of ``req`` (seeded choices get seed + choice)."""
     seed = None if req.seed is None else req.seed + choice
@@ -213,6 +248,7 @@ def sampling_params(
         stop_token_ids=stop_token_ids,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -256,7 +292,7 @@ def _tok_str(tokenizer: Any, token_id: int) -> str:
 def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict[str, Any]:
     def entry(tid: int, lp: float) -> dict[str, Any]:
         s = _tok_str(tokenizer, tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
 
     return {
         "content": [
@@ -266,18 +302,84 @@ def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [_tok_str(tokenizer, x.token_id) for x in lps]
+# JSON has no -inf; OpenAI and vLLM send this floor for a token the model rules out.
+_MIN_LOGPROB = -9999.0
+
+
+def _lp(value: float) -> float:
+    return max(value, _MIN_LOGPROB)
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    entries: Sequence[tuple[int, TokenLogprob | None]],
+    offset: int,
+    k: int,
+) -> dict[str, Any]:
+    """The legacy ``logprobs`` object over (token id, logprob or None) entries, in text order.
+
+    ``top_logprobs`` maps token strings to logprobs: the chosen token and up to ``k``
+    alternatives (so up to k + 1 entries, as OpenAI's legacy API and vLLM answer). Tokens that
+    decode to the same string (byte pieces of one character all read "\ufffd") share one key,
+    which keeps the highest logprob, so the largest value is always the model's top choice (what
+    lm-evaluation-harness compares the chosen token's logprob with to call it greedy). An entry
+    without a logprob (an echoed prompt's first token) gets None in both lists. ``text_offset``
+    starts at ``offset`` and advances by each token's string.
+    """
+    tokens = [_tok_str(tokenizer, tid) for tid, _ in entries]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
+    top: list[dict[str, float] | None] = []
+    for (_, x), s in zip(entries, tokens, strict=True):
+        if x is None:
+            top.append(None)
+            continue
+        best = {s: _lp(x.logprob)}
+        for t, v in x.top[:k]:
+            key = _tok_str(tokenizer, t)
+            best[key] = max(best.get(key, _MIN_LOGPROB), _lp(v))
+        top.append(best)
     return {
         "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{_tok_str(tokenizer, t): v for t, v in x.top} for x in lps],
+        "token_logprobs": [None if x is None else _lp(x.logprob) for _, x in entries],
+        "top_logprobs": top,
         "text_offset": offsets,
     }
+
+
+def prompt_entries(
+    prompt_ids: list[int], lps: Sequence[TokenLogprob | None] | None
+) -> list[tuple[int, TokenLogprob | None]]:
+    """An echoed prompt's (token id, logprob) entries; without logprobs, each one None."""
+    if lps is None:
+        return [(t, None) for t in prompt_ids]
+    return list(zip(prompt_ids, lps, strict=True))
+
+
+def vllm_prompt_logprobs(
+    tokenizer: Any, lps: Sequence[TokenLogprob | None], k: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` choice field: per prompt token, None (the first) or
+    ``{token id: {logprob, rank, decoded_token}}`` for the prompt token and its top ``k``."""
+
+    def entry(tid: int, lp: float, rank: int | None) -> tuple[str, dict[str, Any]]:
+        return str(tid), {
+            "logprob": _lp(lp),
+            "rank": rank,
+            "decoded_token": _tok_str(tokenizer, tid),
+        }
+
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for x in lps:
+        if x is None:
+            out.append(None)
+            continue
+        items = [entry(x.token_id, x.logprob, x.rank)]
+        items += [entry(t, v, r) for r, (t, v) in enumerate(x.top[:k], 1) if t != x.token_id]
+        out.append(dict(items))
+    return out
 
 
 def sse(data: dict | str) -> str:

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "TokenLogprob", "make_generator", "sample_token"]
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "SamplingParams",
+    "TokenLogprob",
+    "make_generator",
+    "prompt_logprobs",
+    "sample_token",
+]
 
 MAX_TOP_LOGPROBS = 20
 
@@ -31,10 +38,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob + k alternatives
+    # None: off; k >= 0: every prompt token's logprob (+ k alternatives), from the prefill's own
+    # forward pass. With max_tokens 0 the sequence ends after prefill (scoring only).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.max_tokens >= 0, "max_tokens must be >= 0"),
             (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1, 0 or positive"),
@@ -43,6 +53,14 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (
+                self.max_tokens >= 1 or self.prompt_logprobs is not None,
+                "max_tokens 0 only scores the prompt: it needs prompt_logprobs",
             ),
         ]
         for ok, msg in checks:
@@ -60,11 +78,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The chosen token's log-probability under the model, and the top alternatives."""
+    """The chosen token's log-probability under the model, and the top alternatives.
+
+    ``rank``: 1 + how many tokens the model found likelier (set for prompt tokens only).
+    """
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -133,3 +155,31 @@ def sample_token(
         token = int(torch.multinomial(probs, 1, generator=generator))
     lp = _logprob_of(raw, token, p.logprobs) if p.logprobs is not None else None
     return token, lp
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, prompt_ids: list[int], k: int
+) -> tuple[TokenLogprob | None, ...]:
+    """Every prompt token's log-probability given the tokens before it (the first has none).
+
+    logits: (len(prompt_ids), vocab), the prefill's logits at the prompt's positions (row i predicts
+    token i + 1), any dtype and device. One log-softmax over the rows, then the chosen token's
+    logprob and rank and the top ``k`` alternatives, moved to the CPU in one transfer each.
+    """
+    n = len(prompt_ids)
+    if n < 2:
+        return (None,)
+    logp = torch.log_softmax(logits[: n - 1].float(), dim=-1)  # (n - 1, vocab)
+    target = torch.tensor(prompt_ids[1:], device=logp.device)[:, None]
+    chosen = logp.gather(1, target)  # (n - 1, 1)
+    ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
+    if k > 0:
+        vals, ids = torch.topk(logp, min(k, logp.shape[1]), dim=1)
+        top_v, top_i = vals.tolist(), ids.tolist()
+    else:
+        top_v = top_i = [[] for _ in range(n - 1)]
+    out: list[TokenLogprob | None] = [None]
+    for j, (lp, rank) in enumerate(zip(chosen[:, 0].tolist(), ranks, strict=True)):
+        top = tuple(zip(top_i[j], top_v[j], strict=True))
+        out.append(TokenLogprob(prompt_ids[j + 1], lp, top, int(rank)))
+    return tuple(out)

@@ -41,7 +41,7 @@ from serving.backend import (
 from serving.config import EngineConfig
 from serving.sampling import SamplingParams, TokenLogprob
 
-__all__ = ["VllmBackend", "vllm_engine_kwargs", "vllm_sampling_kwargs"]
+__all__ = ["VllmBackend", "prompt_logprobs", "vllm_engine_kwargs", "vllm_sampling_kwargs"]
 
 log = logging.getLogger("raylm.serving.vllm")
 _ids = itertools.count()
@@ -62,7 +62,9 @@ def vllm_sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
     """raylm sampling parameters as ``vllm.SamplingParams`` keyword arguments (no vllm import)."""
     return {
         "n": 1,  # the HTTP layer submits one stream per choice
-        "max_tokens": p.max_tokens,
+        # vLLM always samples: a scoring-only request (max_tokens 0) samples one token, which
+        # the stream drops, as vLLM's own server does for echo with max_tokens 0.
+        "max_tokens": max(p.max_tokens, 1),
         "temperature": p.temperature,
         "top_p": p.top_p,
         "top_k": p.top_k if p.top_k > 0 else -1,  # -1: off in every vLLM version
@@ -73,6 +75,7 @@ def vllm_sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(p.stop_token_ids) or None,
         "ignore_eos": p.ignore_eos,
         "logprobs": p.logprobs,
+        "prompt_logprobs": p.prompt_logprobs,
     }
 
 
@@ -101,7 +104,19 @@ def _logprob(token: int, entries: dict[int, Any] | None, k: int) -> TokenLogprob
         key=lambda item: item[1].rank,
     )
     top = tuple((t, float(lp.logprob)) for t, lp in ranked)
-    return TokenLogprob(token, float(entries[token].logprob), top)
+    rank = entries[token].rank
+    return TokenLogprob(token, float(entries[token].logprob), top, rank)
+
+
+def prompt_logprobs(
+    prompt_ids: list[int], entries: list[dict[int, Any] | None] | None, k: int
+) -> tuple[TokenLogprob | None, ...] | None:
+    """vLLM's ``RequestOutput.prompt_logprobs`` (per prompt token: None for the first, else
+    {token id: Logprob}) -> one TokenLogprob (with rank) or None per prompt token."""
+    if entries is None:
+        return None
+    pairs = zip(prompt_ids, entries, strict=False)
+    return tuple(None if e is None else _logprob(t, e, k) for t, e in pairs)
 
 
 class _VllmStream:
@@ -109,6 +124,7 @@ class _VllmStream:
 
     def __init__(self, backend: VllmBackend, prompt_ids: list[int], params: SamplingParams) -> None:
         self._b, self._params = backend, params
+        self._prompt_ids, self._sent_prompt = prompt_ids, False
         self._prompt_len, self._completion = len(prompt_ids), 0
         self._items: asyncio.Queue[object] = asyncio.Queue()
         self._finished = False
@@ -120,7 +136,7 @@ class _VllmStream:
         try:
             async with asyncio.timeout(self._b.cfg.request_timeout_s):
                 async for out in self._b.generate(prompt_ids, self._params):
-                    ev = self._event(out.outputs[0])
+                    ev = self._event(out.outputs[0], getattr(out, "prompt_logprobs", None))
                     self._items.put_nowait(ev)
                     if ev.finish_reason is not None:
                         outcome = ev.finish_reason
@@ -140,8 +156,20 @@ class _VllmStream:
                 self._t_submit, self._t_first, self._prompt_len, self._completion, outcome
             )
 
-    def _event(self, out: Any) -> TokenEvent:
-        """One DELTA CompletionOutput -> TokenEvent (vLLM's "abort" finish is never sent on)."""
+    def _event(self, out: Any, prompt_entries: Any = None) -> TokenEvent:
+        """One DELTA CompletionOutput -> TokenEvent (vLLM's "abort" finish is never sent on).
+
+        ``prompt_entries``: the RequestOutput's prompt logprobs, which DELTA outputs carry on the
+        first output only; they go out on this stream's first event.
+        """
+        prompt_lps = None
+        if self._params.prompt_logprobs is not None and not self._sent_prompt:
+            k = self._params.prompt_logprobs
+            prompt_lps = prompt_logprobs(self._prompt_ids, prompt_entries, k)
+            self._sent_prompt = True
+        if self._params.max_tokens == 0:  # scoring only: drop the token vLLM had to sample
+            usage = Usage(self._prompt_len, 0)
+            return TokenEvent((), "", (), "length", usage, prompt_lps)
         ids = tuple(int(t) for t in out.token_ids)
         self._completion += len(ids)
         if ids and self._t_first is None:
@@ -154,7 +182,7 @@ class _VllmStream:
             lps = tuple(lp for lp in found if lp is not None)
         finish = out.finish_reason if out.finish_reason in ("stop", "length") else None
         usage = Usage(self._prompt_len, self._completion) if finish else None
-        return TokenEvent(ids, out.text or "", lps, finish, usage)
+        return TokenEvent(ids, out.text or "", lps, finish, usage, prompt_lps)
 
     def __aiter__(self) -> _VllmStream:
         return self

@@ -354,7 +354,8 @@ class ScalingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """``raylm eval``: held-out perplexity and generation-scored tasks for one model dir."""
+    """``raylm eval``: held-out perplexity, generation-scored tasks and lm-eval tasks for one
+    model dir."""
 
     model: str = Field(
         "",
@@ -391,4 +392,28 @@ class EvalConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto: float32 on CPU, bfloat16 on CUDA."
+    )
+    harness_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups (names or globs) run on eval.model "
+        "in-process (lm-eval's hf model), or on eval.harness_endpoint; their metrics join "
+        "eval.json. Needs `pip install raylm[eval]`.",
+    )
+    harness_include_path: list[str] = Field(
+        default_factory=list,
+        description="Dirs of lm-eval task YAMLs (local data, e.g. dataset_path: json with "
+        "data_files); tasks found there skip indexing lm-eval's built-in ones.",
+    )
+    harness_limit: int = Field(
+        0, ge=0, description="Examples per lm-eval task, first ones; 0: all (lm-eval's --limit)."
+    )
+    harness_endpoint: str = Field(
+        "",
+        description="Base URL of a running OpenAI-compatible endpoint (e.g. `raylm serve`'s "
+        "http://127.0.0.1:8000/v1): lm-eval's local-completions scores through its "
+        "/v1/completions, with eval.model's tokenizer; API key from OPENAI_API_KEY. Empty: "
+        "in-process.",
+    )
+    harness_endpoint_model: str = Field(
+        "", description="The `model` sent to eval.harness_endpoint; empty: the first it lists."
     )

@@ -2,11 +2,13 @@
 
 Phases: :func:`plan_eval` (every input check, before any model loads) -> :func:`run_perplexity`
 (in-process ``transformers`` forward passes over the validation split) -> :func:`run_tasks`
-(prompts through a ``generate`` callable, scored by ``training.scoring``) -> ``eval.json``.
+(prompts through a ``generate`` callable, scored by ``training.scoring``) -> the lm-eval tasks
+(a :data:`Harness` callable) -> ``eval.json``.
 
-No Ray and no ``serving`` import: generation comes in as a callable. The CLI layer
-(``cluster.evaluate``) builds it from the serving engine; any function with the
-:data:`Generate` signature works (a ``transformers.generate`` loop, an HTTP client).
+No Ray and no ``serving`` import: generation and lm-eval come in as callables. The CLI layer
+(``cluster.evaluate``) builds them from the serving engine and lm-evaluation-harness; any
+function with the :data:`Generate` signature works (a ``transformers.generate`` loop, an HTTP
+client).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "EvalPlan",
     "Generate",
     "GenerateSession",
+    "Harness",
     "PerplexityData",
     "PromptError",
     "TaskRecord",
@@ -61,6 +64,9 @@ Messages = list[dict[str, str]]
 Generate = Callable[[list[Messages], int], list[str]]
 # Opens whatever generates (loads an engine) and closes it afterwards.
 GenerateSession = Callable[[], AbstractContextManager[Generate]]
+# Runs the lm-evaluation-harness tasks; returns eval.json's "harness" entry, whose "tasks" are
+# {"task", "n", "metrics": {name: value}} (lm-eval's own scale, not points).
+Harness = Callable[[], dict[str, Any]]
 
 
 class EvalError(ValueError):
@@ -117,8 +123,11 @@ def eval_output(cfg: EvalConfig, name: str) -> Path:
 def plan_eval(cfg: EvalConfig, name: str) -> EvalPlan:
     """Check the model dir, task files and datasets; raise :class:`EvalError` naming the key."""
     model_dir = _check_model_dir(cfg.model)
-    if not cfg.perplexity_data and not cfg.tasks:
-        raise EvalError("eval: nothing to evaluate; set eval.perplexity_data and/or eval.tasks")
+    if not cfg.perplexity_data and not cfg.tasks and not cfg.harness_tasks:
+        raise EvalError(
+            "eval: nothing to evaluate; set eval.perplexity_data, eval.tasks and/or "
+            "eval.harness_tasks"
+        )
     device, dtype = _pick_device(cfg)
     tasks = _read_tasks(cfg.tasks, cfg.limit_per_task)
     model_tok = _load_tokenizer(model_dir, "eval.model")
@@ -422,8 +431,11 @@ def run_tasks(plan: EvalPlan, generate: Generate) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the whole run
 
 
-def evaluate(plan: EvalPlan, session: GenerateSession | None = None) -> dict[str, Any]:
-    """Run perplexity, then the tasks through ``session()``; write and return eval.json's content."""
+def evaluate(
+    plan: EvalPlan, session: GenerateSession | None = None, harness: Harness | None = None
+) -> dict[str, Any]:
+    """Run perplexity, the tasks through ``session()``, then ``harness()``; write and return
+    eval.json's content."""
     t0 = time.perf_counter()
     perplexity = run_perplexity(plan)
     t1 = time.perf_counter()
@@ -436,6 +448,8 @@ def evaluate(plan: EvalPlan, session: GenerateSession | None = None) -> dict[str
             load_s = time.perf_counter() - t1
             tasks = run_tasks(plan, generate)
     t2 = time.perf_counter()
+    harness_report = harness() if harness is not None else None
+    t3 = time.perf_counter()
     report = {
         "name": plan.name,
         "model": str(plan.model_dir.resolve()),
@@ -449,10 +463,13 @@ def evaluate(plan: EvalPlan, session: GenerateSession | None = None) -> dict[str
             "perplexity_s": round(t1 - t0, 3),
             "generator_load_s": round(load_s, 3),
             "generation_s": round(t2 - t1 - load_s, 3),
-            "total_s": round(t2 - t0, 3),
+            "harness_s": round(t3 - t2, 3),
+            "total_s": round(t3 - t0, 3),
         },
         "config": plan.cfg.model_dump(mode="json"),
     }
+    if harness_report is not None:
+        report["harness"] = harness_report
     _write_json(plan.output / EVAL_NAME, report)
     return report
 
@@ -468,13 +485,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, tuple[float, str]]:
-    """Metric label -> (value, count) for tables: perplexity per dataset, task metrics in points."""
+    """Metric label -> (value, count) for tables: perplexity per dataset, task metrics in points,
+    lm-eval metrics on lm-eval's scale (labelled ``lm-eval TASK METRIC``)."""
     out: dict[str, tuple[float, str]] = {}
     for p in report.get("perplexity", []):
         out[f"perplexity {p['path']}"] = (float(p["perplexity"]), f"{p['tokens']} tok")
     for t in report.get("tasks", []):
         for name, value in t["metrics"].items():
             out[f"{t['task']} {name}"] = (float(value), str(t["n"]))
+    for t in report.get("harness", {}).get("tasks", []):
+        for name, value in t["metrics"].items():
+            out[f"lm-eval {t['task']} {name}"] = (float(value), str(t["n"]))
     return out
 
 

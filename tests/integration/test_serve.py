@@ -139,6 +139,12 @@ def test_models_health_and_non_streaming_completion(served):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == text
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_in, n_out)
+    # Scoring through the proxy, as lm-eval's local-completions asks: the prompt's own logprobs.
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and len(lp.token_logprobs) == n_in
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    assert r.usage.completion_tokens == 0
 
 
 def _direct_url() -> str:

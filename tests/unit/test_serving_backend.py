@@ -12,7 +12,12 @@ from serving.backend import BackendUnavailable, load_backend
 from serving.config import EngineConfig, ServeConfig
 from serving.deployment import load_serve_config
 from serving.sampling import SamplingParams
-from serving.vllm_backend import _logprob, vllm_engine_kwargs, vllm_sampling_kwargs
+from serving.vllm_backend import (
+    _logprob,
+    prompt_logprobs,
+    vllm_engine_kwargs,
+    vllm_sampling_kwargs,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -50,6 +55,10 @@ def test_sampling_params_map_onto_vllm_names():
     assert kw["top_k"] == -1  # "off" in every vLLM version (0 is rejected by older ones)
     assert kw["stop"] == ["\n"] and kw["stop_token_ids"] is None and kw["logprobs"] == 2
     assert vllm_sampling_kwargs(SamplingParams(top_k=5, stop_token_ids=(9,)))["top_k"] == 5
+    assert kw["prompt_logprobs"] is None
+    # Scoring only: vLLM must sample a token (dropped by the stream) and scores the prompt.
+    kw = vllm_sampling_kwargs(SamplingParams(max_tokens=0, prompt_logprobs=3))
+    assert kw["max_tokens"] == 1 and kw["prompt_logprobs"] == 3
 
 
 def test_engine_args_come_from_the_engine_section_and_extra_args_win(tmp_path):
@@ -76,3 +85,13 @@ def test_vllm_logprobs_become_the_chosen_token_and_top_k_by_rank():
     got = _logprob(5, entries, k=2)
     assert got.token_id == 5 and got.logprob == -2.0 and got.top == ((1, -0.5), (2, -1.0))
     assert _logprob(5, entries, k=0).top == ()
+
+
+def test_vllm_prompt_logprobs_become_one_entry_per_prompt_token_with_rank():
+    lp = lambda v, r: SimpleNamespace(logprob=v, rank=r)  # noqa: E731  vllm.logprobs.Logprob's fields
+    entries = [None, {7: lp(-0.1, 1)}, {8: lp(-3.0, 4), 7: lp(-0.2, 1), 9: lp(-1.0, 2)}]
+    got = prompt_logprobs([6, 7, 8], entries, k=1)
+    assert got[0] is None and (got[1].token_id, got[1].rank, got[1].top) == (7, 1, ((7, -0.1),))
+    assert (got[2].token_id, got[2].logprob, got[2].rank) == (8, -3.0, 4)
+    assert got[2].top == ((7, -0.2),)
+    assert prompt_logprobs([6, 7], None, k=1) is None

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from serving.backend import EngineOverloaded, RequestTimeout
+from serving.backend import EngineOverloaded, RequestTimeout, Usage
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.sampling import SamplingParams
@@ -39,6 +39,10 @@ def _ids(engine, text):
 def _prompts(engine, n):
     """n distinct prompts of varied lengths."""
     return [_ids(engine, f"{PROMPTS[i % len(PROMPTS)]} {i}" * (1 + i % 3)) for i in range(n)]
+
+
+async def _collect_events(engine, ids, params):
+    return [ev async for ev in engine.submit(ids, params)]
 
 
 async def _collect(engine, ids, params, order=None, tag=None):
@@ -182,6 +186,64 @@ def test_logprobs_are_the_models_distribution(engine):
         assert len(lp.top) == 3 and lp.top[0][0] == tok  # greedy: the top-1 alternative
         assert lp.top[0][1] == pytest.approx(lp.logprob)
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+def _reference_prompt_logprobs(engine, ids):
+    """(len(ids) - 1, vocab) log-softmax of one unpadded transformers forward over ``ids``."""
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_prompt_logprobs_equal_a_plain_forward_whatever_shares_the_prefill(engine):
+    """Scoring rows of different lengths (left-padded together) and a plain request admitted in
+    the same step: each prompt's logprobs, ranks and top-k equal an unpadded forward, and the
+    plain request's tokens equal its run alone."""
+    prompts = [_ids(engine, p) for p in PROMPTS[:4]]
+    plain_ids = _ids(engine, PROMPTS[4])
+    plain_alone = engine.generate_sync(plain_ids, SamplingParams(max_tokens=6, **GREEDY))
+
+    async def together():
+        scoring = [
+            _collect_events(engine, p, SamplingParams(max_tokens=m, prompt_logprobs=3, **GREEDY))
+            for p, m in zip(prompts, (0, 1, 0, 4), strict=True)
+        ]
+        plain = _collect_events(engine, plain_ids, SamplingParams(max_tokens=6, **GREEDY))
+        return await asyncio.gather(plain, *scoring)
+
+    plain_events, *scored = asyncio.run(together())
+    assert [t for ev in plain_events for t in ev.token_ids] == plain_alone.token_ids
+    assert all(ev.prompt_logprobs is None for ev in plain_events)
+    for ids, events, max_tokens in zip(prompts, scored, (0, 1, 0, 4), strict=True):
+        first = events[0].prompt_logprobs
+        assert all(ev.prompt_logprobs is None for ev in events[1:])  # sent once
+        assert len(first) == len(ids) and first[0] is None
+        want = _reference_prompt_logprobs(engine, ids)
+        for pos, lp in enumerate(first[1:]):
+            row = want[pos]
+            assert lp.token_id == ids[pos + 1]
+            assert lp.logprob == pytest.approx(float(row[ids[pos + 1]]), abs=1e-4)
+            assert lp.rank == int((row > row[ids[pos + 1]]).sum()) + 1
+            assert [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
+        assert len(set(lp.rank for lp in first[1:])) > 1, "tiny model: ranks all equal"
+        generated = [t for ev in events for t in ev.token_ids]
+        assert len(generated) == max_tokens
+        assert events[-1].finish_reason == "length"
+        assert events[-1].usage == Usage(len(ids), max_tokens)
+
+
+def test_max_tokens_zero_scores_without_decoding_and_frees_its_slot(engine):
+    ids = _ids(engine, PROMPTS[0])
+    before = engine.stats()["completion_tokens"]
+    got = engine.generate_sync(ids, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert got.token_ids == [] and got.text == "" and got.finish_reason == "length"
+    assert got.usage == Usage(len(ids), 0)
+    assert [lp.top for lp in got.prompt_logprobs[1:]] == [()] * (len(ids) - 1)
+    assert engine.stats()["completion_tokens"] == before and engine.stats()["running"] == 0
+    one = engine.generate_sync(ids[:1], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert one.prompt_logprobs == (None,)
+    with pytest.raises(ValueError, match="needs prompt_logprobs"):
+        SamplingParams(max_tokens=0)
 
 
 def test_cancellation_frees_the_slot(tiny_model_dir):

@@ -3,6 +3,7 @@ response shapes, SSE framing, every validation case, overload, mid-stream errors
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -161,9 +162,11 @@ def test_logprobs_shapes(client):
     ).json()
     lp = r["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
-    assert all(len(t) <= 2 for t in lp["top_logprobs"]) and all(
-        x <= 0 for x in lp["token_logprobs"]
-    )
+    # The chosen token and up to 2 alternatives (greedy: the chosen one is the first of them).
+    for token, value, top in zip(
+        *(lp[k] for k in ("tokens", "token_logprobs", "top_logprobs")), strict=True
+    ):
+        assert len(top) <= 3 and top[token] == value <= 0 and max(top.values()) == value
     r = client.post(
         "/v1/chat/completions",
         json={
@@ -322,12 +325,60 @@ BAD = [
         "unsupported_parameter",
     ),
     (
-        "echo",
-        COMP,
-        {"model": MODEL, "prompt": "x", "echo": True},
+        "echo_on_chat",
+        CHAT,
+        {"model": MODEL, "messages": MSGS, "echo": True},
         400,
         "echo",
         "unsupported_parameter",
+    ),
+    (
+        "prompt_logprobs_streamed",
+        COMP,
+        {"model": MODEL, "prompt": "x", "prompt_logprobs": 1, "stream": True},
+        400,
+        "prompt_logprobs",
+        None,
+    ),
+    (
+        "prompt_logprobs_range",
+        COMP,
+        {"model": MODEL, "prompt": "x", "echo": True, "prompt_logprobs": 21},
+        400,
+        "prompt_logprobs",
+        None,
+    ),
+    (
+        "max_tokens_negative_with_echo",
+        COMP,
+        {"model": MODEL, "prompt": "x", "echo": True, "max_tokens": -1},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "echo_as_string",
+        COMP,
+        {"model": MODEL, "prompt": "x", "echo": "true"},
+        400,
+        "echo",
+        None,
+    ),
+    (
+        "echo_over_context",
+        COMP,
+        {"model": MODEL, "prompt": [1] * 256, "echo": True, "max_tokens": 0, "logprobs": 1},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "negative_token_id",
+        COMP,
+        {"model": MODEL, "prompt": [[3, 4], [5, -1]], "echo": True, "max_tokens": 0},
+        400,
+        "prompt",
+        None,
     ),
     (
         "logit_bias",
@@ -364,7 +415,7 @@ BAD = [
     (
         "completion_logprobs_range",
         COMP,
-        {"model": MODEL, "prompt": "x", "logprobs": 6},
+        {"model": MODEL, "prompt": "x", "logprobs": 21},
         400,
         "logprobs",
         None,
@@ -543,24 +594,34 @@ def _wait(predicate, timeout_s=10.0):
     return predicate()
 
 
-def test_client_disconnect_cancels_generation(engine):
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on real uvicorn on a free 127.0.0.1 port, in a thread; yields its ``/v1`` URL."""
     import socket
     import threading
 
-    import httpx
     import uvicorn
 
-    backend = _EndlessBackend(engine.tokenizer, "ok")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_openai_app(StaticModels({MODEL: backend}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}/v1/completions"
     try:
-        assert _wait(lambda: server.started)
+        assert _wait(lambda: server.started), "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_client_disconnect_cancels_generation(engine):
+    import httpx
+
+    backend = _EndlessBackend(engine.tokenizer, "ok")
+    with serving(build_openai_app(StaticModels({MODEL: backend}))) as base:
+        url = f"{base}/completions"
         with httpx.stream("POST", url, json={"model": MODEL, "prompt": "x", "stream": True}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
@@ -568,9 +629,61 @@ def test_client_disconnect_cancels_generation(engine):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json={"model": MODEL, "prompt": "x"}, timeout=0.3)
         assert _wait(lambda: len(backend.streams) == 2 and backend.streams[1].cancelled)
+
+
+def _post_raw(base, body, headers):
+    """POST with Python's own http.client, which reads no answer until it has sent the whole
+    body: (status, parsed JSON), or the OSError a connection reset mid-upload raises."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        chunked = not isinstance(body, bytes)
+        conn.request("POST", f"{url.path}/completions", body=body, headers=headers,
+                     encode_chunked=chunked)  # fmt: skip
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        conn.close()
+
+
+def test_oversized_body_gets_a_413_the_client_can_read(engine):
+    """Bodies 3x and 12x the default limit: the client reads the 413 error object instead of a
+    connection reset while it is still sending, whether it declares the length or sends chunks,
+    and whether the connection closes after the answer or not. A client that asks for
+    "100 Continue" gets the 413 before it sends anything."""
+    import socket
+
+    import openai
+
+    limit = ApiSettings().max_body_bytes
+    with serving(build_openai_app(StaticModels({MODEL: engine}))) as base:
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=MODEL, prompt="x" * (3 * limit), max_tokens=1)
+        assert err.value.status_code == 413
+        assert err.value.body["code"] == "request_too_large"
+        assert f"larger than {limit} bytes" in err.value.body["message"]
+
+        body = json.dumps({"model": MODEL, "prompt": "x" * (12 * limit)}).encode()
+        headers = {"Content-Type": "application/json", "Connection": "close"}
+        for content in (body, (body[i : i + 2**16] for i in range(0, len(body), 2**16))):
+            status, answer = _post_raw(base, content, headers)
+            assert status == 413 and answer["error"]["code"] == "request_too_large"
+
+        host, port = base.removeprefix("http://").removesuffix("/v1").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            head = (
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Expect: 100-continue\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            answer = sock.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 413"), answer[:200]
+        assert '"request_too_large"' in answer
 
 
 def test_request_timeout_is_504_json_or_an_error_event(engine):
