@@ -78,9 +78,12 @@ def find_checkpoint(path: str | Path) -> tuple[Path, TrainState]:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 (or trained-dtype for ZeRO-0) state dict on CPU. Call only on a verified dir."""
+    """Full fp32 state dict on CPU, from the fp32 master weights of any stage and precision.
+    Call only on a verified dir."""
     tag = (ckpt / "latest").read_text(encoding="utf-8").strip()
-    if list((ckpt / tag).glob("*_optim_states.pt")) and list((ckpt / tag).glob("zero_pp_rank_*")):
+    # ZeRO 1-3 optimizer files: zero_pp_rank_*, or bf16_zero_pp_rank_* under bf16 (ZeRO-0 in
+    # half precision keeps its masters in the model states file instead: below).
+    if list((ckpt / tag).glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO 1-3: the fp32 master partitions of every rank, merged by parameter name. It prints
@@ -94,7 +97,44 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     # pickles more than tensors; acceptable because the integrity manifest verified).
     states = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)  # fmt: skip
-    return dict(states["module"])
+    module = dict(states["module"])
+    module.update(_zero0_fp32_masters(ckpt, states, module))
+    return module
+
+
+def _zero0_fp32_masters(
+    ckpt: Path, states: dict[str, Any], module: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """ZeRO-0 in bf16/fp16: the optimizer's fp32 master copy of each trained parameter, by name.
+
+    The module holds the half-precision weights; DeepSpeed's half-precision optimizer keeps an
+    fp32 master per parameter in ``fp32_groups``, one list per parameter group, in the order the
+    loop built the groups (``training.loop._param_groups``: matrices, then the 1-D rest, each in
+    parameter order). fp32 training keeps no separate master: the module is it (empty result).
+    A checkpoint whose groups do not line up with the names is exported from the module, warned.
+    """
+    groups = (states.get("optimizer") or {}).get("fp32_groups")
+    if not groups:
+        return {}
+    skip = set(states.get("buffer_names") or [])
+    names, seen = [], set()
+    for n, t in module.items():  # a tied head shares its storage with the embedding: once
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if n not in skip and key not in seen:
+            names.append(n)
+            seen.add(key)
+    by_group = [
+        [n for n in names if module[n].dim() >= 2],
+        [n for n in names if module[n].dim() < 2],
+    ]
+    pairs = [(n, t) for g_names, g in zip(by_group, groups, strict=False)
+             for n, t in zip(g_names, g, strict=False)]  # fmt: skip
+    fits = len(groups) == 2 and [len(g) for g in groups] == [len(g) for g in by_group]
+    if not fits or any(tuple(module[n].shape) != tuple(t.shape) for n, t in pairs):
+        log.warning("%s: the fp32 master weights do not line up with the parameters; exporting "
+                    "the %s module weights", ckpt, next(iter(module.values())).dtype)  # fmt: skip
+        return {}
+    return {n: t.float() for n, t in pairs}
 
 
 def _checkpoint_config(ckpt: Path, state: TrainState) -> Any:

@@ -142,3 +142,38 @@ def test_cli_export(run, tmp_path, capsys) -> None:
     assert whole.state_dict().keys() == sharded.state_dict().keys()
     assert main([*args[:-1], "train.export_max_shard_size=lots"]) == 1
     assert "train.export_max_shard_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bf16_runs_export_the_fp32_master_weights(stage, tmp_path) -> None:
+    """bf16 training keeps fp32 masters in the optimizer (ZeRO-0: per parameter; 1-3:
+    partitioned); the export is those, not the bf16 module weights relabelled as fp32: each
+    weight rounds to the module's bf16 value, and most carry bits bf16 cannot hold."""
+    from safetensors.torch import load_file
+
+    ds = write_synthetic_dataset(tmp_path / "ds", train_rows=16, validation_rows=4, seq_len=SEQ,
+                                 vocab_size=VOCAB)  # fmt: skip
+    train = TrainConfig(global_batch_tokens=SEQ * 8, micro_batch_size=4, log_every=1, lr=3e-3,
+                        warmup_steps=0, checkpoint_every=2, max_steps=2)  # fmt: skip
+    job = WorkerJob(model=ModelConfig(), train=train,
+                    deepspeed=DeepSpeedConfig(zero_stage=stage, precision="bf16"), seed=0,
+                    run_dir=str(tmp_path / "run"), datasets=[dataset_info(str(ds))],
+                    weights=[1.0], seq_len=SEQ, vocab_size=VOCAB, pad_id=0, total_steps=2,
+                    config_hash="test")  # fmt: skip
+
+    def report(metrics, checkpoint_dir, step, dir_name=None):
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, tmp_path / "run" / dir_name, dirs_exist_ok=True)
+
+    run_worker(job, WorkerIO(0, 1, report))
+    out = export(tmp_path / "run", tmp_path / "hf")
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert (q != q.to(torch.bfloat16).float()).float().mean() > 0.9  # fp32 bits: a master copy
+    tag = (tmp_path / "run" / "checkpoint_00000002" / "latest").read_text().strip()
+    states = list((tmp_path / "run" / "checkpoint_00000002" / tag).glob("*model_states.pt"))
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    if stage < 3:  # ZeRO-3's module file holds no weights, only placeholders
+        for name, w in weights.items():
+            torch.testing.assert_close(w.to(torch.bfloat16), module[name], atol=0, rtol=0)
