@@ -100,15 +100,15 @@ def single_process(cfg: DataConfig, tokenizer: Path, out: Path) -> tuple[float, 
             files.display,
         )
         for lo in range(0, len(batch["reason"]), cfg.batch_size):
-            part = {k: v[lo : lo + cfg.batch_size] for k, v in batch.items()}
-            reasons = part["reason"].copy()
+            part = tokenize({k: v[lo : lo + cfg.batch_size] for k, v in batch.items()})
+            reasons = part["reason"].copy()  # dedup after tokenizing, in order, as the driver does
             for i, (r, h) in enumerate(zip(reasons, part["hash"], strict=True)):
                 if not r:
                     shard = shards[partition_of(h, len(shards))]
                     if not shard.first_seen([int.from_bytes(h[8:16], "big")])[0]:
                         reasons[i] = "duplicate"
             part["reason"] = reasons
-            _consume(tokenize(part), cfg, packers, writers, tally)
+            _consume(part, cfg, packers, writers, tally)
     for s, packer in packers.items():
         for row in packer.flush():
             writers[s].add(row)

@@ -2,8 +2,8 @@
 
 Each actor owns the documents whose 16-byte content hash falls in its partition and holds one 8-byte
 integer per kept document: that set is the only state in the pipeline that grows with the corpus.
-Which of two identical documents survives may vary between runs, but they are identical after
-normalization, so the output does not.
+``data prepare`` asks them from its ordered consumer, batch by batch in (shard, line) order, so the
+first copy of a document in that order is the one kept, whatever the actor count or timing.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@ Ray edge of the data stage. The flow, streaming end to end:
 
     read_binary_files (one row per shard, sorted by path)
       -> ProcessShards     (actor pool of data.num_actors, one shard at a time: line-level parse,
-                            normalize, PII, length filter, hash, split; mark_duplicates against
-                            hash-partitioned DedupShard actors; TokenizeBatch)
-      -> driver: tally rejections, pack sequentially, write fixed-size parquet shards
+                            normalize, PII, length filter, hash, split; TokenizeBatch)
+      -> driver, in (shard path, line) order: mark_duplicates against the hash-partitioned
+         DedupShard actors, tally rejections, pack sequentially, write fixed-size parquet shards
 
-Ray Data runs with ``preserve_order`` so documents reach the packer in (shard path, line) order
-whatever the block sizes or actor counts; packing and writing are sequential, so the same inputs and
-config give sha256-identical files.
+Ray Data runs with ``preserve_order`` so documents reach the driver in (shard path, line) order
+whatever the block sizes or actor counts. Duplicates are decided there, in that order, so the
+first copy in (shard, line) order is the one kept (deciding them in the actors would keep whichever
+copy an actor reached first, and move every packed row after it); packing and writing are
+sequential, so the same inputs and config give sha256-identical files.
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ class _scoped_data_context:
 
 
 class ProcessShards:
-    """Actor-pool UDF: shards in, their cleaned, deduplicated, tokenized records out.
+    """Actor-pool UDF: shards in, their cleaned, tokenized records out (dedup: the driver).
 
     One actor runs parse -> clean -> dedup -> tokenize on a whole shard, so only the shard's bytes go
     in and compact token arrays come out: measured on 2 cores, passing the cleaned text between
@@ -243,17 +245,13 @@ class ProcessShards:
     is loaded once per actor; records leave in chunks of ``batch_size`` so output streams.
     """
 
-    def __init__(self, cfg: DataConfig, display: dict, tokenizer_path: str, eos_id: int, shards):
-        self.cfg, self.display, self.shards = cfg, display, shards
+    def __init__(self, cfg: DataConfig, display: dict, tokenizer_path: str, eos_id: int):
+        self.cfg, self.display = cfg, display
         self.tokenize = TokenizeBatch(tokenizer_path, cfg.mode, cfg.seq_len, cfg.sft.overlong,
                                       eos_id=eos_id, system_fallback=cfg.sft.system_fallback)  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        from data_pipelines.dedup import mark_duplicates
-
         for chunk in iter_clean_chunks(batch, self.cfg, self.display, self.cfg.batch_size):
-            if self.shards:
-                chunk = mark_duplicates(chunk, self.shards)
             out = self.tokenize(chunk)
             if self.cfg.strict:  # the chat template's own rejections stop a strict run too
                 for i, reason in enumerate(out["reason"]):
@@ -262,17 +260,23 @@ class ProcessShards:
             yield out
 
 
+def _dedup_shards(cfg: DataConfig) -> list:
+    """The hash-partitioned dedup actors (none with dedup off)."""
+    import ray
+
+    from data_pipelines.dedup import DedupShard
+
+    if not cfg.dedup.enabled:
+        return []
+    # The dedup actors need no CPU reservation: they only answer set lookups.
+    shard_cls = ray.remote(num_cpus=0)(DedupShard)
+    return [shard_cls.remote() for _ in range(cfg.dedup.partitions)]
+
+
 def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from data_pipelines.dedup import DedupShard
-
-    shards = []
-    if cfg.dedup.enabled:
-        # The dedup actors need no CPU reservation: they only answer set lookups.
-        shard_cls = ray.remote(num_cpus=0)(DedupShard)
-        shards = [shard_cls.remote() for _ in range(cfg.dedup.partitions)]
     ds = ray.data.read_binary_files(
         files.paths,
         include_paths=True,
@@ -287,7 +291,6 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_
             "display": files.display,
             "tokenizer_path": str(Path(tokenizer_path).resolve()),
             "eos_id": eos_id,
-            "shards": shards,
         },
         compute=ActorPoolStrategy(size=min(cfg.num_actors, len(files.paths))),
         num_cpus=cfg.actor_cpus,
@@ -312,6 +315,8 @@ def _unwrap_data_error(exc: BaseException | None) -> DataError | None:
 def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bool) -> tuple:
     from tqdm import tqdm
 
+    from data_pipelines.dedup import mark_duplicates
+
     columns = PREFERENCE_COLUMNS if cfg.mode == "preference" else None
     writers = {
         s: ShardWriter(output / s, cfg.rows_per_file, cfg.mode == "sft", columns=columns)
@@ -325,7 +330,10 @@ def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bo
         packers = {s: DocumentPacker(cfg.seq_len, pad_id) for s in writers}
     tally = _Tally()
     bar = tqdm(desc="prepare", unit="doc", disable=not progress, mininterval=1.0)
+    shards = _dedup_shards(cfg)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+        if shards:  # in (shard, line) order: the first copy is the one kept
+            batch = mark_duplicates(batch, shards)
         _consume(batch, cfg, packers, writers, tally)
         bar.update(len(batch["reason"]))
     bar.close()

@@ -155,7 +155,7 @@ def test_every_rejection_reason_is_counted_with_its_location(ray_local, tokenize
     ids = read_split(result.output, m, "train").column("input_ids").to_pylist()
     text = tok.decode([t for row in ids for t in row if t != tok.pad_token_id])
     assert "<EMAIL>" in text and "ana@example.com" not in text and "<PHONE>" in text
-    assert m["splits"]["validation"] == {"rows": 0, "tokens": 0, "files": []}
+    assert m["splits"]["validation"] == {"rows": 0, "tokens": 0, "files": [], "layout": []}
 
 
 def test_strict_mode_stops_at_the_bad_line(ray_local, tokenizer_dir, tmp_path):
@@ -198,6 +198,41 @@ def test_output_is_identical_across_actors_blocks_and_shard_order(
     assert again.manifest["checksums"] == prepared_pretrain.manifest["checksums"]
     assert len(again.manifest["checksums"]) > 2
     assert again.manifest["fingerprint"] == prepared_pretrain.manifest["fingerprint"]
+
+
+def test_cross_shard_duplicates_keep_the_first_copy_whatever_the_actors(tokenizer_dir, tmp_path):
+    """Originals late in the first shard, their copies early in the later shards, small chunks:
+    with dedup decided in the actors, whichever actor got there first kept its copy. Now the
+    first copy in (shard, line) order is kept: identical bytes for 1 or 4 actors and reversed
+    input order, and every duplicate named is a later shard's copy."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    doc = "Document number {} tells the story of a quiet town by the river, {} times over."
+    originals = [doc.format(i, i % 7) for i in range(40)]
+    lines = {
+        "a.jsonl": [doc.format(1000 + i, i) for i in range(260)] + originals,
+        "b.jsonl": originals[:20] + [doc.format(2000 + i, i) for i in range(260)],
+        "c.jsonl": originals[20:] + [doc.format(3000 + i, i) for i in range(260)],
+    }
+    for name, texts in lines.items():
+        (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    common = dict(seq_len=64, validation_fraction=0.1, rows_per_file=32, batch_size=8,
+                  dedup={"partitions": 3})  # fmt: skip
+    shards = [str(corpus / n) for n in sorted(lines)]
+    runs = [
+        prepare_data(tokenizer_dir, inputs=shards, output=str(tmp_path / "one"), num_actors=1,
+                     **common),
+        prepare_data(tokenizer_dir, inputs=shards[::-1], output=str(tmp_path / "four"),
+                     num_actors=4, actor_cpus=0.5, **common),
+    ]  # fmt: skip
+    for run in runs:
+        assert run.manifest["rejected"]["duplicate"] == 40
+        for where in run.manifest["rejected_samples"]["duplicate"]:
+            name, line = where.rsplit(":", 1)
+            assert Path(name).name in ("b.jsonl", "c.jsonl") and int(line) <= 20, where
+    assert runs[0].manifest["checksums"] == runs[1].manifest["checksums"]
 
 
 def test_rerun_skips_only_a_complete_identical_output(
