@@ -18,7 +18,7 @@ from typing import Any
 
 from training.loop import WorkerHooks, WorkerIO, WorkerJob
 
-__all__ = ["run_loop"]
+__all__ = ["run_loop", "run_loops"]
 
 
 def _free_port() -> int:
@@ -42,7 +42,9 @@ class _StoreCheckpoints:
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
 
 
-def _worker(job: WorkerJob, rank: int, world: int, port: int, hooks: WorkerHooks | None) -> None:
+def _worker(
+    jobs: list[WorkerJob], rank: int, world: int, port: int, hooks: WorkerHooks | None
+) -> None:
     import torch
 
     from training.loop import run_worker
@@ -52,21 +54,32 @@ def _worker(job: WorkerJob, rank: int, world: int, port: int, hooks: WorkerHooks
                       TOKENIZERS_PARALLELISM="false")  # fmt: skip
     torch.set_num_threads(1)  # the ranks share the cores, as Ray's workers do
     hooks = hooks or WorkerHooks()
-    io = WorkerIO(rank=rank, world_size=world, report=_StoreCheckpoints(job.run_dir),
-                  after_step=hooks.after_step, before_update=hooks.before_update)  # fmt: skip
-    run_worker(job, io)
+    for job in jobs:  # one after another in the same processes and process group
+        io = WorkerIO(rank=rank, world_size=world, report=_StoreCheckpoints(job.run_dir),
+                      after_step=hooks.after_step, before_update=hooks.before_update)  # fmt: skip
+        run_worker(job, io)
 
 
 def run_loop(
     job: WorkerJob, world: int, hooks: WorkerHooks | None = None, timeout_s: float = 300
 ) -> Path:
     """Train ``job`` on ``world`` spawned processes; returns its run dir. Raises if a rank fails."""
+    run_loops([job], world, hooks, timeout_s)
+    return Path(job.run_dir)
+
+
+def run_loops(
+    jobs: list[WorkerJob], world: int, hooks: WorkerHooks | None = None, timeout_s: float = 300
+) -> None:
+    """Train ``jobs`` one after another on the same ``world`` spawned processes (the imports and
+    the process group are paid once). Raises if a rank fails."""
     import torch.multiprocessing as mp
 
-    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(job, rank, world, port, hooks))
+    procs = [ctx.Process(target=_worker, args=(jobs, rank, world, port, hooks))
              for rank in range(world)]  # fmt: skip
     for p in procs:
         p.start()
@@ -80,5 +93,4 @@ def run_loop(
                 p.join()
     codes = [p.exitcode for p in procs]
     if any(codes):
-        raise RuntimeError(f"run_loop({job.run_dir}): rank exit codes {codes}")
-    return Path(job.run_dir)
+        raise RuntimeError(f"run_loops({[j.run_dir for j in jobs]}): rank exit codes {codes}")

@@ -20,7 +20,7 @@ from cluster.config import load_config
 from data_pipelines.chat import end_of_turn_token
 from data_pipelines.tokenize import load_tokenizer
 from tests.families import save_tiny_model
-from tests.mp_loop import run_loop
+from tests.mp_loop import run_loop, run_loops
 from training.export import export
 from training.launcher import plan_job, run_dir
 
@@ -46,30 +46,25 @@ def tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(prepared_sft, tokenizer, tmp_path_factory):
-    """family -> (base dir, run dir, export dir), each trained once on first use."""
-    done: dict[str, tuple[Path, Path, Path]] = {}
-
-    def get(family: str) -> tuple[Path, Path, Path]:
-        if family not in done:
-            root = tmp_path_factory.mktemp(family)
-            done[family] = _train_and_export(family, prepared_sft, tokenizer, root)
-        return done[family]
-
-    return get
+def runs(prepared_sft, tokenizer, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """family -> (base dir, run dir, export dir). All families train one after another on the
+    same two spawned ranks (imports and process group paid once), then each is exported."""
+    roots = {f: tmp_path_factory.mktemp(f) for f in RUNS}
+    bases = {f: save_tiny_model(f, roots[f] / "base", tokenizer) for f in RUNS}
+    cfgs = {f: _config(f, prepared_sft, bases[f], roots[f]) for f in RUNS}
+    run_loops([plan_job(c) for c in cfgs.values()], world=2, timeout_s=1200)
+    return {f: (bases[f], run_dir(c), export(run_dir(c), roots[f] / "export"))
+            for f, c in cfgs.items()}  # fmt: skip
 
 
-def _train_and_export(family: str, prepared, tokenizer, root: Path) -> tuple[Path, Path, Path]:
-    base = save_tiny_model(family, root / "base", tokenizer)
-    cfg = load_config(None, [
+def _config(family: str, prepared, base: Path, root: Path):
+    return load_config(None, [
         f"name={family}", f"train.storage_path={root / 'runs'}", "train.task=sft",
         f"train.datasets=[{prepared.output}]", f"model.init_from={base}",
         "train.global_batch_tokens=1024", "train.micro_batch_size=2", "train.max_steps=2",
         "train.lr=0.001", "train.warmup_steps=0", "train.log_every=1", "train.eval_batches=1",
         "scaling.num_workers=2", *RUNS[family],
     ])  # fmt: skip
-    run_loop(plan_job(cfg), world=2)
-    return base, run_dir(cfg), export(run_dir(cfg), root / "export")
 
 
 @pytest.mark.parametrize("family", list(RUNS))
@@ -80,7 +75,7 @@ def test_family_trains_exports_and_serves(family, runs, tokenizer) -> None:
     from serving.engine import Engine
     from serving.sampling import SamplingParams
 
-    base, rd, out = runs(family)
+    base, rd, out = runs[family]
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     # The export keeps the family: config class, model_type, tied or untied head as the base.
@@ -114,7 +109,7 @@ def test_family_trains_exports_and_serves(family, runs, tokenizer) -> None:
 
 def test_zero3_load_of_a_non_llama_base_is_partitioned(runs) -> None:
     """ZeRO-3 + init_from (qwen2): right after loading, each rank holds about half the weights."""
-    _, rd, _ = runs("qwen2")
+    _, rd, _ = runs["qwen2"]
     infos = [json.loads((rd / "workers" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     total = infos[0]["total_params"]
     assert total > 0 and all(i["zero_stage"] == 3 and i["total_params"] == total for i in infos)
