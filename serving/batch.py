@@ -264,6 +264,7 @@ def _objects(values: list) -> np.ndarray:
 class Job:
     """One engine request: ``scored`` lists the positions whose log-probs a score row sums."""
 
+    source: str  # "file:line", which starts the row's error if it fails
     ids: list[int]
     params: SamplingParams
     scored: tuple[int, ...] = ()
@@ -297,24 +298,22 @@ def _outcome(job: Job, events: list) -> Outcome:
     return Outcome(text, prompt, completion, last.finish_reason or "length")
 
 
-async def _run_one(backend: Any, job: Job, gate: asyncio.Semaphore, timeout_key: str) -> Outcome:
+async def _run_one(backend: Any, job: Job, gate: asyncio.Semaphore) -> Outcome:
     from serving.backend import RequestTimeout
 
     async with gate:
         try:
             stream = backend.submit(job.ids, job.params)
         except ValueError as exc:  # the engine's own checks (context length, empty prompt)
-            return Outcome(error=str(exc))
+            return Outcome(error=f"{job.source}: {exc}")
         try:
             events = [ev async for ev in stream]
         except RequestTimeout as exc:  # too slow for the config, not broken: the row's error
-            return Outcome(error=f"{exc} ({timeout_key})")
+            return Outcome(error=f"{job.source}: {exc}; raise generate.engine.request_timeout_s")
     return _outcome(job, events)
 
 
-async def run_jobs(
-    backend: Any, jobs: list[Job | str], gate: asyncio.Semaphore, timeout_key: str = ""
-) -> list[Outcome]:
+async def run_jobs(backend: Any, jobs: list[Job | str], gate: asyncio.Semaphore) -> list[Outcome]:
     """Every job submitted at once (``gate`` bounds how many the engine holds), results in order.
 
     A ``str`` in ``jobs`` is a row error and stays one. Engine failures other than a row's timeout
@@ -324,7 +323,7 @@ async def run_jobs(
     async def one(job: Job | str) -> Outcome:
         if isinstance(job, str):
             return Outcome(error=job)
-        return await _run_one(backend, job, gate, timeout_key)
+        return await _run_one(backend, job, gate)
 
     return list(await asyncio.gather(*(one(j) for j in jobs)))
 
@@ -347,18 +346,27 @@ class GenerateBatch:
         self._loop = asyncio.new_event_loop()
         thread = threading.Thread(target=self._loop.run_forever, name="raylm-generate", daemon=True)
         thread.start()
-        self.backend = self._on_loop(self._load(engine))
+        try:
+            self.backend = self._on_loop(self._load(engine))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         self.tokenizer = self.backend.tokenizer
         self._chat_stop = _chat_stop_ids(self.tokenizer)
-        # Running slots plus as many queued: a slot that frees is refilled at the next step.
-        self._gate = asyncio.Semaphore(engine.max_num_seqs + min(engine.max_waiting,
-                                                                 engine.max_num_seqs))  # fmt: skip
+        # Running slots plus as many queued (within the engine's queue, so never overloaded): a
+        # slot that frees is refilled at the next step.
+        queued = min(engine.max_waiting, engine.max_num_seqs)
+        self._gate = asyncio.Semaphore(engine.max_num_seqs + queued)
         self._tokenize_lock = threading.Lock()  # fast tokenizers refuse concurrent mutation
 
     async def _load(self, engine: Any) -> Any:
-        from serving.backend import load_backend
+        """Blocks the loop while loading, on purpose: the backend is built on the loop's thread."""
+        from serving.backend import BackendUnavailable, load_backend
 
-        return load_backend(self.cfg.model, engine, adapter=self.cfg.adapter)
+        try:
+            return load_backend(self.cfg.model, engine, adapter=self.cfg.adapter)
+        except BackendUnavailable as exc:  # its message names the endpoint's key
+            raise BackendUnavailable(str(exc).replace("serve.engine", "generate.engine")) from None
 
     def _on_loop(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -366,8 +374,7 @@ class GenerateBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._tokenize_lock:
             jobs = [self._job(batch, i) for i in range(len(batch["source"]))]
-        timeout_key = "raise generate.engine.request_timeout_s"
-        outcomes = self._on_loop(run_jobs(self.backend, jobs, self._gate, timeout_key))
+        outcomes = self._on_loop(run_jobs(self.backend, jobs, self._gate))
         return result_columns(batch, outcomes, self.cfg.mode)
 
     def shutdown(self) -> None:
@@ -379,12 +386,12 @@ class GenerateBatch:
         """Row i as an engine request, or its error ("file:line: ...")."""
         if batch["error"][i]:
             return str(batch["error"][i])
+        row = {c: str(batch[c][i]) for c in PARSED_COLUMNS if c != "key"}
         try:
-            return build_job(self.tokenizer, self.backend.max_model_len, self._chat_stop,
-                             {c: batch[c][i] for c in ("prompt", "messages", "completion",
-                                                       "params")}, self.cfg.mode)  # fmt: skip
+            return build_job(self.tokenizer, self.backend.max_model_len, self._chat_stop, row,
+                             self.cfg.mode)  # fmt: skip
         except RowError as exc:
-            return f"{batch['source'][i]}: {exc}"
+            return f"{row['source']}: {exc}"
 
 
 def _chat_stop_ids(tok: Any) -> tuple[int, ...]:
@@ -434,7 +441,9 @@ def _score_ids(tok: Any, row: dict[str, str]) -> tuple[list[int], tuple[int, ...
 def build_job(
     tok: Any, max_model_len: int, chat_stop: tuple[int, ...], row: dict[str, str], mode: str
 ) -> Job:
-    """A parsed row (prompt, messages, completion, params) -> its engine request."""
+    """A parsed row (PARSED_COLUMNS but ``key``, as strings) -> its engine request.
+
+    ``chat_stop``: the end-of-turn ids a chat row stops at (besides the model's eos ids)."""
     if mode == "score":
         ids, scored = _score_ids(tok, row)
         params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
@@ -448,7 +457,7 @@ def build_job(
         raise RowError("the prompt is empty" if not ids else "the completion has no tokens")
     if len(ids) >= max_model_len:
         raise RowError(f"the prompt has {len(ids)} tokens; the model's context is {max_model_len}")
-    return Job(ids, params, scored)
+    return Job(row["source"], ids, params, scored)
 
 
 def result_columns(

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections import Counter
@@ -44,8 +45,8 @@ ERROR_SAMPLES = 5
 # adapter count by their content, not their paths.)
 _OUTPUT_NEUTRAL = {"inputs", "output", "model", "adapter", "s3", "num_actors", "actor_cpus",
                    "actor_gpus", "batch_size", "calls_per_actor", "actor_restarts"}  # fmt: skip
-_ENGINE_NEUTRAL = {"max_num_seqs", "max_batched_tokens", "max_waiting", "request_timeout_s",
-                   "torch_threads", "warmup"}  # fmt: skip
+# (request_timeout_s counts: a row that timed out is an error a longer timeout would not write.)
+_ENGINE_NEUTRAL = {"max_num_seqs", "max_batched_tokens", "max_waiting", "torch_threads", "warmup"}
 
 
 @dataclass
@@ -69,24 +70,23 @@ class GenerateResult:
 
 
 def _inputs(cfg: GenerateConfig) -> tuple[InputFiles, dict[str, str]]:
-    """The input files in output order and each one's format; text files are refused."""
+    """The input files in output order and each one's format. Files in another format (a README
+    in a directory of prompts) are passed over with a warning; an input without any is an error."""
     try:
         files = expand_inputs(cfg.inputs, cfg.format, cfg.s3.endpoint_url, cfg.s3.region)
     except DataError as exc:  # the readers name data.* keys
-        msg = (
-            str(exc)
-            .replace("data.inputs", "generate.inputs")
-            .replace("data.format", "generate.format")
-        )
-        raise DataError(msg) from None
-    formats = {}
-    for path in files.paths:
-        fmt = detect_format(files.display[path], cfg.format)
-        if fmt not in ("jsonl", "parquet"):
-            raise DataError(f"generate.inputs: {files.display[path]}: a {fmt} file holds no "
-                            "prompt fields; give jsonl or parquet files")  # fmt: skip
-        formats[path] = fmt
-    return files, formats
+        msg = str(exc).replace("data.inputs", "generate.inputs")
+        raise DataError(msg.replace("data.format", "generate.format")) from None
+    formats = {p: detect_format(files.display[p], cfg.format) for p in files.paths}
+    other = [files.display[p] for p, fmt in formats.items() if fmt not in ("jsonl", "parquet")]
+    if other:
+        log.warning("generate.inputs: passing over %d file(s) that are neither jsonl nor parquet, "
+                    "e.g. %s", len(other), other[0])  # fmt: skip
+    paths = [p for p in files.paths if files.display[p] not in other]
+    if not paths:
+        raise DataError(f"generate.inputs: no jsonl or parquet files in {cfg.inputs}")
+    display = {p: files.display[p] for p in paths}
+    return InputFiles(paths, display, files.filesystem), {p: formats[p] for p in paths}
 
 
 def _model_files(cfg: GenerateConfig) -> InputFiles:
@@ -96,10 +96,12 @@ def _model_files(cfg: GenerateConfig) -> InputFiles:
     )
     display = {}
     for key, d in dirs:
+        if not d:
+            raise DataError(f"{key}: unset; name an exported Hugging Face model dir")
         root = Path(d)
         marker = "adapter_config.json" if key == "generate.adapter" else "config.json"
         if not (root / marker).is_file():
-            raise DataError(f"{key}: {d or '(unset)'}: not a Hugging Face model dir (no {marker})")
+            raise DataError(f"{key}: {d}: not a Hugging Face model dir (no {marker})")
         for f in sorted(root.rglob("*")):
             if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts):
                 display[str(f.resolve())] = f"{key}/{f.relative_to(root)}"
@@ -121,12 +123,12 @@ def plan_generate(cfg: GenerateConfig) -> GeneratePlan:
     """Resolve inputs and hash them and the model once. Needs no Ray: the CLI calls it first, so
     a re-run on a complete output returns without starting Ray."""
     files, formats = _inputs(cfg)
+    model_files = _model_files(cfg)  # checked before any input byte is hashed
     input_hashes = fingerprint_inputs(files)
-    model_fp = _digest(fingerprint_inputs(_model_files(cfg)))
+    model_fp = _digest(fingerprint_inputs(model_files))
     cfg_hash = _config_hash(cfg)
-    # Input names are left out: moving the prompts does not change them. Their sorted order is
-    # the output's row order, so it counts.
-    ordered = [input_hashes[files.display[p]] for p in files.paths]
+    # Input names count (unlike data prepare's): every row's `source` shows its file's name.
+    ordered = [[files.display[p], input_hashes[files.display[p]]] for p in files.paths]
     fingerprint = _digest({"inputs": ordered, "model": model_fp, "config": cfg_hash})
     existing = _complete_manifest(Path(cfg.output), fingerprint)
     return GeneratePlan(files, formats, input_hashes, model_fp, cfg_hash, fingerprint, existing)
@@ -160,9 +162,13 @@ def _data_context() -> Iterator[None]:
     ctx.enable_progress_bars = False  # raylm's bar counts rows and tokens; Ray's would bury it
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # an engine failure reaches the driver as itself
+    # Ray Data's UserWarnings (e.g. fewer blocks than actors) go through logging: to raylm.log,
+    # not the console, when the command keeps Ray's chatter in the log file.
+    logging.captureWarnings(True)
     try:
         yield
     finally:
+        logging.captureWarnings(False)
         (opts.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
          ctx.raise_original_map_exception) = saved  # fmt: skip
 
@@ -240,22 +246,21 @@ class _Tally:
 
 
 def _run(ds, cfg: GenerateConfig, output: Path, progress: bool) -> tuple[ResultWriter, _Tally]:
+    """Rows in order into the writer, with one progress line: rows, rows/s, tokens/s, errors."""
     from tqdm import tqdm
 
     writer = ResultWriter(output / RESULTS_DIR, cfg.rows_per_file, RESULT_COLUMNS[cfg.mode])
     tally = _Tally()
-    bar = tqdm(desc="raylm generate", unit="row", disable=not progress, mininterval=1.0)
     start = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        tally.add(batch)
-        writer.add(batch)
-        bar.update(len(batch["key"]))
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        tokens = tally.completion_tokens + (tally.prompt_tokens if cfg.mode == "score" else 0)
-        bar.set_postfix_str(
-            f"{tokens / elapsed:.0f} tokens/s, {tally.errors} errors", refresh=False
-        )
-    bar.close()
+    with tqdm(desc="raylm generate", unit="row", disable=not progress, mininterval=1.0) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            tally.add(batch)
+            writer.add(batch)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            tokens = tally.completion_tokens + (tally.prompt_tokens if cfg.mode == "score" else 0)
+            bar.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s, {tally.errors} errors",
+                                refresh=False)  # fmt: skip
+            bar.update(len(batch["key"]))
     writer.close()
     return writer, tally
 
@@ -274,11 +279,33 @@ def generate(
     (output / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted run never looks complete
     shutil.rmtree(output / RESULTS_DIR, ignore_errors=True)
     with _data_context():
-        writer, tally = _run(_build_dataset(cfg, plan), cfg, output, progress)
+        try:
+            writer, tally = _run(_build_dataset(cfg, plan), cfg, output, progress)
+        except Exception as exc:
+            reason = _actor_start_error(exc)
+            if reason is None:
+                raise
+            log.info("generate: an engine actor failed to start", exc_info=exc)  # the log file
+            raise DataError(f"generate: an engine actor failed to start: {reason}") from None
     seconds = time.perf_counter() - start
     manifest = _manifest(cfg, plan, writer, tally, seconds)
     write_manifest(output, manifest)
     return GenerateResult(output, manifest)
+
+
+def _actor_start_error(exc: BaseException) -> str | None:
+    """The last line of an actor constructor's error (e.g. vllm missing, a model that does not
+    load on a worker), when that is what stopped the job: Ray hands it over as text only."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if getattr(cause, "actor_init_failed", False):
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(cause, "error_msg", "")))
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return lines[-1] if lines else "unknown error"
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    return None
 
 
 def _manifest(cfg, plan: GeneratePlan, writer: ResultWriter, tally: _Tally, seconds: float) -> dict:

@@ -130,3 +130,26 @@ def test_a_rerun_is_skipped_and_one_actor_from_s3_writes_the_same_rows(
                                                               "s3://prompts/in/b.parquet")  # fmt: skip
     strip = lambda r: {k: v for k, v in r.items() if k not in ("source", "error")}  # noqa: E731
     assert [strip(r) for r in remote] == [strip(r) for r in local]
+
+
+def test_a_pool_holding_every_cpu_or_an_engine_that_cannot_start_stops_with_one_line(
+    ray_local, tiny_model_dir, inputs, tmp_path
+):
+    import importlib.util
+
+    from data_pipelines.errors import DataError
+    from serving.batch_job import generate
+    from serving.config import GenerateConfig
+
+    cfg = GenerateConfig(inputs=[str(inputs / "a.jsonl")], output=str(tmp_path / "out"),
+                         model=str(tiny_model_dir), num_actors=4, actor_cpus=1.0)  # fmt: skip
+    with pytest.raises(DataError, match=r"generate.num_actors \(4\) x generate.actor_cpus \(1.0\) "
+                                        r"reserve all 4 CPUs Ray has"):  # fmt: skip
+        generate(cfg, progress=False)
+    if importlib.util.find_spec("vllm") is not None:
+        return  # the vLLM case below needs a machine without it
+    vllm = cfg.model_copy(update={"num_actors": 1, "engine": {"backend": "vllm"}})
+    with pytest.raises(DataError, match=r"^generate: an engine actor failed to start: .*"
+                                        r"generate.engine.backend=vllm needs the `vllm` package"):  # fmt: skip
+        generate(GenerateConfig.model_validate(vllm.model_dump()), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -120,3 +120,11 @@ def test_score_sums_the_completion_logprobs_of_a_forward_pass(tiny_model_dir, re
     assert out["completion_logprob"][1] == pytest.approx(want, abs=1e-4)
     assert out["error"][2].startswith("in.jsonl:3: the prompt has ")
     assert out["error"][2].endswith(" tokens; the model's context is 256")
+
+
+def test_the_vllm_backend_without_vllm_names_the_generate_key(tiny_model_dir):
+    from serving.backend import BackendUnavailable
+
+    cfg = _cfg(tiny_model_dir, engine={"backend": "vllm"})
+    with pytest.raises(BackendUnavailable, match=r"^generate.engine.backend=vllm needs the `vllm`"):
+        GenerateBatch(cfg)
