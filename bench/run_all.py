@@ -46,6 +46,9 @@ BENCHES = [
     Bench("serving", "the engine called directly, and sequential transformers.generate",
           ["bench/serve_load.py", "--levels", "1,8,16,32"],
           ["bench/serve_load.py", "--levels", "1,16", "--requests", "32"], "machine:"),
+    Bench("generate", "the engine in one process, and sequential transformers.generate",
+          ["bench/generate_throughput.py", "--repeat", "3"],
+          ["bench/generate_throughput.py", "--rows", "128", "--repeat", "1"], "machine:"),
 ]  # fmt: skip
 
 

@@ -154,6 +154,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from cluster.ray_env import ray_session
+    from serving.batch_job import GenerateResult, generate, plan_generate, summarize
+
+    plan = plan_generate(cfg.generate)  # hashes inputs and model once, no Ray
+    if plan.existing is not None:
+        result = GenerateResult(Path(cfg.generate.output), plan.existing, skipped=True)
+    else:
+        with ray_session(cfg.ray, cfg.generate.output, args.verbose):
+            result = generate(cfg.generate, plan=plan)
+    write_resolved(cfg, result.output)
+    print(summarize(result))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from training.report import report
 
@@ -267,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="print two eval.json files (or dirs holding one) side by side; runs no model")  # fmt: skip
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser(
+        "generate", help="batch inference over Ray Data: prompts (jsonl/parquet) -> parquet"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("serve", help=HELP["serve"] + "; blocks and prints the URL")
     _add_config_args(p)
     p.set_defaults(func=_cmd_serve)

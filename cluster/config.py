@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipelines.config import DataConfig, TokenizerConfig
-from serving.config import ServeConfig
+from serving.config import GenerateConfig, ServeConfig
 from training.config import (
     DeepSpeedConfig,
     EvalConfig,
@@ -72,6 +72,7 @@ class RaylmConfig(BaseModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
 def _parse_value(raw: str) -> Any:

@@ -1,4 +1,5 @@
-"""Config section owned by the serving stage: ``serve`` (engine budgets, HTTP layer, Serve deployment)."""
+"""Config sections owned by the serving stage: ``serve`` (engine budgets, HTTP layer, Serve deployment)
+and ``generate`` (offline batch inference over Ray Data with the same engine)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["AutoscalingSection", "EngineConfig", "ModelEntry", "ServeConfig"]
+from data_pipelines.config import S3Config
+
+__all__ = [
+    "AutoscalingSection",
+    "EngineConfig",
+    "GenerateConfig",
+    "GenerateSampling",
+    "ModelEntry",
+    "ServeConfig",
+]
 
 
 class _Section(BaseModel):
@@ -180,3 +190,101 @@ class ServeConfig(_Section):
         if self.max_ongoing_requests is not None:
             return self.max_ongoing_requests
         return self.engine.max_num_seqs + self.engine.max_waiting + 8
+
+
+class GenerateSampling(_Section):
+    """Sampling of rows that do not set their own: a row's column of the same name wins."""
+
+    max_tokens: int = Field(
+        256, ge=1, description="Most tokens generated per row (the context also stops a row)."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=-1, description="0 or -1: off.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI semantics.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI semantics.")
+    seed: int | None = Field(
+        None,
+        description="Seed of every row that sets none (each row draws from its own generator, "
+        "so a seeded row's text does not depend on the actor or batch it ran in); unset: random.",
+    )
+    stop: list[str] = Field(
+        default_factory=list, max_length=16, description="Stop strings (not in the output)."
+    )
+    ignore_eos: bool = Field(False, description="Generate exactly max_tokens (benchmarks).")
+
+    @model_validator(mode="after")
+    def _stops(self) -> GenerateSampling:
+        if any(not s for s in self.stop):
+            raise ValueError("stop: empty strings would stop every row at once")
+        return self
+
+
+class GenerateConfig(_Section):
+    """``raylm generate``: prompts (jsonl / parquet) -> an actor pool of the engine -> parquet."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Files, directories, globs or s3:// URIs of jsonl (.jsonl, .json, .jsonl.gz) "
+        "or parquet files; rows keep this order in the output (files sorted by path, then line).",
+    )
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="Input format; auto: from the file extension."
+    )
+    output: str = Field(
+        "runs/generate",
+        description="Output dir: results/part-*.parquet, manifest.json, the resolved config.",
+    )
+    model: str = Field("", description="Exported HF model dir (safetensors) that generates.")
+    adapter: str | None = Field(None, description="PEFT LoRA dir over `model`, merged at load.")
+    mode: Literal["generate", "score"] = Field(
+        "generate",
+        description="generate: text for each prompt; score: log-probabilities of each row's given "
+        "completion after its prompt (one forward pass, nothing generated).",
+    )
+    prompt_field: str = Field("prompt", description="Row field holding a plain-text prompt.")
+    messages_field: str = Field(
+        "messages",
+        description="Row field holding chat messages, rendered with the model's chat template "
+        "(generation stops at its end-of-turn token).",
+    )
+    completion_field: str = Field(
+        "completion", description="score mode: row field holding the completion to score."
+    )
+    row_sampling: bool = Field(
+        True,
+        description="Read per-row sampling columns (max_tokens, temperature, top_p, top_k, "
+        "presence_penalty, frequency_penalty, seed, stop, ignore_eos) where rows have them.",
+    )
+    sampling: GenerateSampling = Field(default_factory=GenerateSampling)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    num_actors: int = Field(2, ge=1, description="Engine actors (one model copy each).")
+    actor_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="Logical CPUs reserved per engine actor; the pool must leave Ray CPUs free, "
+        "or read tasks starve. The engine's torch threads: engine.torch_threads (unset: these "
+        "CPUs, at least 1).",
+    )
+    actor_gpus: float = Field(
+        0.0, ge=0, description="GPUs per engine actor (1 with engine.backend vllm)."
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Rows per actor call; the engine batches a call's rows together."
+    )
+    calls_per_actor: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Calls an actor runs at once: its engine keeps decoding the next call's rows "
+        "while one call's last rows finish.",
+    )
+    actor_restarts: int = Field(
+        0,
+        ge=-1,
+        description="Restarts of an engine actor that died (-1: unlimited), its call retried; "
+        "0: a dead actor fails the job. Ray prints a warning line per actor on the console when "
+        "this is not 0 (ray#53727).",
+    )
+    rows_per_file: int = Field(10_000, ge=1, description="Rows per output parquet file.")
+    s3: S3Config = Field(default_factory=S3Config)
