@@ -36,7 +36,7 @@ def test_reference_lists_nested_keys():
         assert key in ref
 
 
-_SECTIONS = "ray|data|tokenizer|model|train|deepspeed|scaling|eval|serve"
+_SECTIONS = "ray|data|tokenizer|model|train|deepspeed|scaling|eval|serve|generate"
 # `section.key` in backticks, ended by a backtick, space, `:`, `=` or `[` (not `serve.run(`);
 # file names such as `model.safetensors` or `eval.json` are not keys.
 _KEY = re.compile(rf"`((?:{_SECTIONS})(?:\.\w+)+)(?=[`\s:=\[])")
