@@ -167,6 +167,13 @@ class DataConfig(_Section):
         description="Logical CPUs per processing actor; keep the pool below the CPUs Ray has, "
         "or read tasks starve.",
     )
+    actor_restarts: int = Field(
+        0,
+        ge=-1,
+        description="Restarts of a processing actor that died (-1: unlimited), its shard retried; "
+        "0: a dead actor fails the job (a re-run rebuilds). Ray 2.60 prints a warning line per "
+        "actor on the console when this is not 0 (ray#53727).",
+    )
     batch_size: int = Field(512, ge=1, description="Documents per tokenize call and output chunk.")
     object_store_mb: int | None = Field(
         512,

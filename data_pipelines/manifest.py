@@ -36,6 +36,7 @@ _OUTPUT_NEUTRAL = {
     "s3",
     "num_actors",
     "actor_cpus",
+    "actor_restarts",
     "batch_size",
     "block_size_mb",
     "object_store_mb",

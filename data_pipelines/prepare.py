@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -275,7 +276,6 @@ def _dedup_shards(cfg: DataConfig) -> list:
 
 def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
     import ray
-    from ray.data import ActorPoolStrategy
 
     ds = ray.data.read_binary_files(
         files.paths,
@@ -284,6 +284,16 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_
         shuffle=None,
         override_num_blocks=len(files.paths),
     )
+    with warnings.catch_warnings():
+        # max_restarts is a plain remote argument in Ray 2.60 (deprecated, no named one yet);
+        # Ray Data's default (-1) prints ray#53727's warning for every actor it starts.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _map_shards(ds, cfg, files, tokenizer_path, eos_id)
+
+
+def _map_shards(ds, cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_id: int):
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(
         ProcessShards,
         fn_constructor_kwargs={
@@ -294,6 +304,7 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_
         },
         compute=ActorPoolStrategy(size=min(cfg.num_actors, len(files.paths))),
         num_cpus=cfg.actor_cpus,
+        max_restarts=cfg.actor_restarts,
         batch_size=1,
     )
 

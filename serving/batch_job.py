@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -204,17 +205,19 @@ def _build_dataset(cfg: GenerateConfig, plan: GeneratePlan):
         max_concurrent_calls_per_actor=cfg.calls_per_actor,
         enable_true_multi_threading=True,  # calls share the engine; it runs on its own thread
     )
-    return ds.map_batches(
-        GenerateBatch,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.batch_size,
-        compute=pool,
-        num_cpus=cfg.actor_cpus,
-        num_gpus=cfg.actor_gpus or None,
-        # Ray 2.60 takes this as a plain remote argument (deprecated there, with no named one
-        # yet); Ray Data's default (-1) prints ray#53727's warning for every actor it starts.
-        max_restarts=cfg.actor_restarts,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts as a plain remote argument (deprecated there, with no
+        # named one yet); Ray Data's default (-1) prints ray#53727's warning for every actor.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            GenerateBatch,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.batch_size,
+            compute=pool,
+            num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.actor_gpus or None,
+            max_restarts=cfg.actor_restarts,
+        )
 
 
 @dataclass
