@@ -426,7 +426,17 @@ class EvalConfig(_Section):
         "qa: exact_match + token_f1, rewrite: chrf.",
     )
     limit_per_task: int = Field(
-        0, ge=0, description="Examples scored per task, first ones in file order; 0: all."
+        0,
+        ge=0,
+        description="Examples scored per task (and pairs per preference_data file), first ones "
+        "in file order; 0: all.",
+    )
+    preference_data: list[str] = Field(
+        default_factory=list,
+        description="jsonl files of preference pairs ({prompt, chosen, rejected} or the other "
+        "shapes `data prepare` reads, e.g. `raylm synth`'s preference/heldout/style.jsonl): "
+        "win_rate is the share of pairs whose chosen answer gets the higher log-prob; "
+        "greedy_chosen / greedy_rejected how often the greedy answer is that answer.",
     )
     max_new_tokens: int = Field(
         32, ge=1, description="Greedy decoding stops here unless eos / end-of-turn comes first."
