@@ -284,3 +284,22 @@ def test_lora_dpo_loop_starts_at_ln2_and_logs_rewards(pref, base_dir, tmp_path) 
         assert math.isfinite(last[key]), key
     # tokens_seen counts real tokens of both sides (no padding): three steps of 8 pairs.
     assert 3 * 8 * 2 * 4 < last["tokens_seen"] < 3 * 8 * 2 * SEQ
+
+
+def test_eval_preference_records_errors_name_file_and_line(tmp_path) -> None:
+    from training.evaluate import EvalError, read_preference_file
+
+    good = {"prompt": "Q?", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "chosen": "b"}) + "\n")
+    with pytest.raises(EvalError, match=rf"{path}:3: identical_answers: 'chosen' and 'rejected'"):
+        read_preference_file(str(path), "eval.preference_data[0]")
+    path.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(EvalError, match=rf"{path}:2: invalid JSON"):
+        read_preference_file(str(path), "eval.preference_data[0]")
+    with pytest.raises(EvalError, match=r"eval\.preference_data\[0\]: .*: no such file"):
+        read_preference_file(str(tmp_path / "none.jsonl"), "eval.preference_data[0]")
+    path.write_text(json.dumps(good) + "\n")
+    (rec,) = read_preference_file(str(path), "k")
+    assert (rec.source, rec.prompt, rec.chosen, rec.rejected) == (
+        f"{path}:1", [{"role": "user", "content": "Q?"}], "a", "b")  # fmt: skip
