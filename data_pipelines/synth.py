@@ -64,8 +64,12 @@ _T = TypeVar("_T")
 # bump when the generated text changes, so cached corpora are not mistaken (2: preference pairs)
 FORMAT_VERSION = 2
 PREFERENCE_TASKS = TASKS
-# style -> the instruction that ends the prompt (plain: none; the plain answer is chosen)
-PREFERENCE_STYLES = {"plain": "", "brief": "Answer briefly.", "sentence": "Answer in a full sentence."}
+# style -> the instruction that ends the prompt (plain: none; the bare answer is chosen)
+PREFERENCE_STYLES = {
+    "plain": "",
+    "brief": "Answer briefly.",
+    "sentence": "Answer in a full sentence.",
+}
 _STYLE_CYCLE = ("plain", "brief", "sentence", "sentence")  # half the pairs prefer a sentence
 PREFERENCE_HELDOUT = 240  # a multiple of 24: tasks x style cycle x sentiment labels balanced
 
@@ -630,7 +634,8 @@ def _preference_pairs(stream: str, n: int, taken: set[str]) -> list[dict]:
     out = []
     for task in PREFERENCE_TASKS:
         rng = random.Random(f"{stream}/{task}")
-        for i, (prompt, answer) in enumerate(_task_examples(task, rng, n // len(PREFERENCE_TASKS), taken)):
+        examples = _task_examples(task, rng, n // len(PREFERENCE_TASKS), taken)
+        for i, (prompt, answer) in enumerate(examples):
             style = _STYLE_CYCLE[(i // 2) % len(_STYLE_CYCLE)]
             sentence = style == "sentence"
             ask = PREFERENCE_STYLES[style]

@@ -267,7 +267,10 @@ def _write_atomically(out: Path, tables: dict[str, pa.Table], marker: dict[str, 
 def ensure_references(job: WorkerJob, scaling: ScalingConfig) -> list[Path]:
     """Every dataset's reference log-probs for ``job`` (planned by ``plan_job``), computed where
     missing on ``scaling.num_workers`` actors with the workers' CPUs (and a GPU each with
-    ``scaling.use_gpu``). Runs on the driver, inside a Ray session."""
+    ``scaling.use_gpu``). Runs on the driver, inside a Ray session; nothing to do (and no Ray
+    needed) when the job's reference is not precomputed."""
+    if not job.reference:
+        return []
     model = job.model.model_copy(update={"init_from": job.train.dpo.reference_model})
     return [
         compute_reference(info, ref_dir, model=model.model_dump(mode="json"),
