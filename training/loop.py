@@ -228,7 +228,11 @@ def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
         # partitioned weights; deepspeed.initialize partitions the new ones.
         resize_vocab(model, job.vocab_size, job.seed)
     if job.train.lora.enabled:
-        model = apply_lora(model, job.train.lora, ckpt)
+        # peft draws lora_A from torch's global generator, whose seed differs per process: from
+        # the run's seed instead, so two runs of one config start from the same adapters.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.seed)
+            model = apply_lora(model, job.train.lora, ckpt)
     # Right after construction: what this rank holds (ZeRO-3: about total / world).
     local, total = local_param_counts(model)
     write_worker_info(Path(job.run_dir), io.rank, {"rank": io.rank, "world_size": io.world_size,
