@@ -1,8 +1,10 @@
 """``raylm quickstart``: the main job on the embedded synthetic corpus, one line per stage.
 
 synth -> tokenizer -> data prepare (pretraining and SFT) -> pretraining (2 Ray Train workers,
-DeepSpeed ZeRO-2) -> export -> SFT fine-tuning -> export -> eval (the pretrained model as control)
--> Ray Serve endpoint answering one chat request over HTTP -> summary. Every stage is also a YAML
+DeepSpeed ZeRO-2) -> export -> SFT fine-tuning -> export -> data prepare (preference pairs) -> DPO
+from the SFT export (reference log-probs by a Ray Data job first) -> export -> eval (the pretrained
+model as control for SFT, the SFT model for DPO) -> Ray Serve endpoint answering one chat request
+over HTTP -> summary. Every stage is also a YAML
 in ``configs/`` run by its own command; a second run reuses finished stages (content hashes, a
 finished training run, an export of the newest checkpoint) instead of redoing them.
 """
@@ -35,10 +37,11 @@ DEFAULT_ROOT = "runs/quickstart"
 QUICKSTART_FILES = {
     "pretrain": "quickstart.yaml",
     "sft": "quickstart_sft.yaml",
+    "dpo": "quickstart_dpo.yaml",
     "eval": "eval_quickstart.yaml",
     "serve": "serve.yaml",
 }
-STAGES = 10
+STAGES = 13
 SUMMARY_NAME = "summary.json"  # what the closing summary printed, for scripts and tests
 
 
@@ -46,6 +49,7 @@ SUMMARY_NAME = "summary.json"  # what the closing summary printed, for scripts a
 class Configs:
     pretrain: RaylmConfig
     sft: RaylmConfig
+    dpo: RaylmConfig
     eval: RaylmConfig
     serve: RaylmConfig
 
@@ -58,6 +62,7 @@ class Outcome:
     artifacts: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, str] = field(default_factory=dict)
     compare: str = ""
+    compare_dpo: str = ""
     answer: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +97,7 @@ def quickstart_configs(workdir: str, overrides: list[str]) -> Configs:
     return Configs(
         pretrain=load(QUICKSTART_FILES["pretrain"], train_dev),
         sft=load(QUICKSTART_FILES["sft"], train_dev),
+        dpo=load(QUICKSTART_FILES["dpo"], train_dev),
         eval=load(QUICKSTART_FILES["eval"], []),
         serve=load(QUICKSTART_FILES["serve"], serve_dev),
     )
@@ -140,12 +146,14 @@ def _quiet_ray_data() -> None:
 
 
 def _synth(corpus: Path, docs: int, seed: int) -> str:
-    from data_pipelines.synth import write_corpus
+    from data_pipelines.synth import FORMAT_VERSION, write_corpus
 
     marker = corpus / "synth.json"
     if marker.is_file():
-        args = json.loads(marker.read_text()).get("args", {})
-        if args.get("docs") == docs and args.get("seed") == seed:
+        written = json.loads(marker.read_text())
+        args = written.get("args", {})
+        same = args.get("docs") == docs and args.get("seed") == seed
+        if same and written.get("version") == FORMAT_VERSION:
             return f"{corpus} (reused)"
     write_corpus(str(corpus), docs=docs, seed=seed)
     return str(corpus)
@@ -195,6 +203,8 @@ def _train(cfg: RaylmConfig, out: Outcome, key: str) -> str:
     detail = f"step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}"
     if evals:
         detail += f", eval loss {evals[-1]['eval_loss']:.3f} (ppl {evals[-1]['perplexity']:.1f})"
+    if evals and "eval_reward_accuracy" in evals[-1]:
+        detail += f", held-out reward accuracy {100 * evals[-1]['eval_reward_accuracy']:.0f}%"
     out.artifacts[f"{key} run"] = str(run_dir(cfg))
     out.numbers[key] = detail
     return detail + (" (reused)" if reused else "")
@@ -247,23 +257,30 @@ def _eval_one(cfg: RaylmConfig, model: Path, output: Path) -> tuple[dict[str, An
 
 
 def _eval(cfg: Configs, out: Outcome) -> str:
-    """The fine-tuned export against the pretrained-only control, on the same held-out data."""
+    """The fine-tuned export against the pretrained-only control, and the preference-tuned one
+    against the SFT model it started from, on the same held-out data."""
     from training.evaluate import compare_table, flat_metrics
 
     root = out.workdir / "eval"
-    control, reused_a = _eval_one(
-        cfg.eval, Path(out.artifacts["pretrain export"]), root / "pretrain"
-    )
-    tuned, reused_b = _eval_one(cfg.eval, Path(out.artifacts["sft export"]), root / "sft")
-    reused = " (reused)" if reused_a and reused_b else ""
-    out.compare = compare_table(control, tuned)
-    out.artifacts["eval"] = f"{root}/{{pretrain,sft}}/eval.json"
-    a, b = flat_metrics(control), flat_metrics(tuned)
+    reports, reused = {}, True
+    for key in ("pretrain", "sft", "dpo"):
+        reports[key], was = _eval_one(cfg.eval, Path(out.artifacts[f"{key} export"]), root / key)
+        reused &= was
+    out.compare = compare_table(reports["pretrain"], reports["sft"])
+    out.compare_dpo = compare_table(reports["sft"], reports["dpo"])
+    out.artifacts["eval"] = f"{root}/{{pretrain,sft,dpo}}/eval.json"
+    a, b, c = (flat_metrics(reports[k]) for k in ("pretrain", "sft", "dpo"))
+    parts = []
     key = "sentiment accuracy"
     if key in a and key in b:
         out.numbers["sentiment"] = f"{b[key][0]:.1f}% (control {a[key][0]:.1f}%, n={b[key][1]})"
-        return f"sentiment accuracy {b[key][0]:.1f}% vs control {a[key][0]:.1f}%{reused}"
-    return f"{len(b)} metrics{reused}"
+        parts.append(f"sentiment accuracy {b[key][0]:.1f}% vs control {a[key][0]:.1f}%")
+    win = next((k for k in c if k.startswith("preference ") and k.endswith(" win_rate")), None)
+    if win and win in b:
+        out.numbers["preference"] = (f"win rate {c[win][0]:.1f}% after DPO (SFT start "
+                                     f"{b[win][0]:.1f}%, n={c[win][1]})")  # fmt: skip
+        parts.append(f"preference win rate {c[win][0]:.1f}% vs SFT {b[win][0]:.1f}%")
+    return (", ".join(parts) or f"{len(b)} metrics") + (" (reused)" if reused else "")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -330,7 +347,7 @@ def _plots(cfg: Configs) -> list[str]:
     from training.report import report
 
     paths: list[str] = []
-    for c in (cfg.pretrain, cfg.sft):
+    for c in (cfg.pretrain, cfg.sft, cfg.dpo):
         paths += [str(p) for p in report(run_dir(c)).plots]
     return paths
 
@@ -342,6 +359,9 @@ def _summary(cfg: Configs, out: Outcome, seconds: float) -> str:
     if out.compare:
         lines += ["", "Eval (A: pretrained-only control, B: fine-tuned):"]
         lines += ["  " + x for x in out.compare.splitlines()]
+    if out.compare_dpo:
+        lines += ["", "Eval (A: fine-tuned (SFT), B: preference-tuned (DPO) from it):"]
+        lines += ["  " + x for x in out.compare_dpo.splitlines()]
     if out.answer:
         a = out.answer
         lines += ["", f"Chat over HTTP ({a['url']}/chat/completions):",
@@ -365,7 +385,10 @@ def _stage_commands() -> list[str]:
         f"raylm export {DEFAULT_ROOT}/train/quickstart --out {DEFAULT_ROOT}/export/pretrain",
         f"raylm train {f['sft']}",
         f"raylm export {DEFAULT_ROOT}/train/quickstart-sft --out {DEFAULT_ROOT}/export/sft",
-        f"raylm eval {f['eval']}",
+        f"raylm data prepare {f['dpo']}   and   raylm train {f['dpo']}",
+        f"raylm export {DEFAULT_ROOT}/train/quickstart-dpo --out {DEFAULT_ROOT}/export/dpo",
+        f"raylm eval {f['eval']}   (and with --set eval.model=... for the pretrain and dpo "
+        "exports, see its header)",
         f"raylm serve {f['serve']}",
     ]
 
@@ -380,7 +403,8 @@ def run_quickstart(
     out = Outcome(workdir=Path(workdir))
     corpus = out.workdir / "corpus"
     out.artifacts.update(corpus=str(corpus), tokenizer=cfg.pretrain.tokenizer.output,
-                         data=cfg.pretrain.data.output, sft_data=cfg.sft.data.output)  # fmt: skip
+                         data=cfg.pretrain.data.output, sft_data=cfg.sft.data.output,
+                         preference_data=cfg.dpo.data.output)  # fmt: skip
     started = time.perf_counter()
     bar = _Progress(STAGES)
     try:
@@ -396,6 +420,10 @@ def run_quickstart(
             bar.run("fine-tune (SFT)", lambda: _train(cfg.sft, out, "sft"))
             sft_export = Path(cfg.serve.serve.models[0].path)
             bar.run("export sft", lambda: _export(cfg.sft, sft_export, out, "sft"))
+            bar.run("data prepare pref", lambda: _prepare(cfg.dpo))
+            bar.run("preference (DPO)", lambda: _train(cfg.dpo, out, "dpo"))
+            dpo_export = out.workdir / "export" / "dpo"
+            bar.run("export dpo", lambda: _export(cfg.dpo, dpo_export, out, "dpo"))
             bar.run("eval", lambda: _eval(cfg, out))
             bar.run("serve + chat", lambda: _serve(cfg.serve, out))
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,27 @@ class KillAt:
         if step == self.step and rank == self.rank and not marker.exists():
             marker.write_text(str(step))
             os.kill(os.getpid(), self.signum)
+
+
+@dataclass
+class KillOnceCheckpointed(KillAt):
+    """``KillAt``, but first waits (at most ``wait_s``) until Ray Train has registered the run's
+    checkpoint ``checkpoint`` (its checkpoint_manager_snapshot.json names it): with steps of a
+    few milliseconds the kill could otherwise beat the registration of the last report, and the
+    restarted group would start from scratch instead of resuming."""
+
+    checkpoint: str = ""
+    wait_s: float = 120.0
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank:
+            snapshot = Path(self.run_dir) / "checkpoint_manager_snapshot.json"
+            deadline = time.monotonic() + self.wait_s
+            while time.monotonic() < deadline:
+                if snapshot.is_file() and f'"{self.checkpoint}"' in snapshot.read_text():
+                    break
+                time.sleep(0.1)
+        super().__call__(step, rank)
 
 
 @dataclass

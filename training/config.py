@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "DeepSpeedConfig",
+    "DpoConfig",
     "EvalConfig",
     "ModelConfig",
     "MODEL_PRESETS",
@@ -176,6 +177,49 @@ class LoraConfig(_Section):
     )
 
 
+class DpoConfig(_Section):
+    """``train.task: dpo``: direct preference optimisation on ``data.mode: preference`` pairs."""
+
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference (DPO's beta; IPO's tau)."
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's -log sigmoid(beta x margin) on summed answer log-probs; ipo: "
+        "(margin - 1/(2 beta))^2 on log-probs averaged over the answer tokens (as TRL).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Share of pairs assumed mislabelled (conservative DPO); sigmoid loss only.",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an SFT term: the chosen answers' token-mean NLL over the step, "
+        "added to the DPO loss (TRL's rpo_alpha); 0: none.",
+    )
+    reference: Literal["auto", "precomputed", "adapter_disabled"] = Field(
+        "auto",
+        description="Where the reference log-probs come from. precomputed: a Ray Data job over "
+        "the prepared pairs before training, stored under DATASET/reference/<hash>/ and reused; "
+        "adapter_disabled (LoRA): the frozen base with the adapter switched off, in the worker. "
+        "auto: adapter_disabled with LoRA and the base as reference, else precomputed.",
+    )
+    reference_model: str = Field(
+        "",
+        description="Local HF dir of the reference model; empty: model.init_from (the model the "
+        "policy starts from).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DpoConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        return self
+
+
 class StorageS3Config(_Section):
     """Where an ``s3://`` ``train.storage_path`` is served; ignored for local paths."""
 
@@ -194,10 +238,11 @@ class StorageS3Config(_Section):
 class TrainConfig(_Section):
     """``raylm train``: what to train on, for how long, and how often to log/eval/checkpoint."""
 
-    task: Literal["pretrain", "sft"] = Field(
+    task: Literal["pretrain", "sft", "dpo"] = Field(
         "pretrain",
         description="pretrain: loss on every next token; sft: only where labels != -100 (rows "
-        "of a mixed-in pretraining dataset, which has no labels, carry loss on every token).",
+        "of a mixed-in pretraining dataset, which has no labels, carry loss on every token); "
+        "dpo: preference pairs (data.mode: preference), see train.dpo.",
     )
     datasets: list[TrainDataset] = Field(
         default_factory=list,
@@ -206,9 +251,12 @@ class TrainConfig(_Section):
     global_batch_tokens: int = Field(
         16_384,
         ge=1,
-        description="Tokens per optimizer step over all ranks (a multiple of seq_len).",
+        description="Tokens per optimizer step over all ranks (a multiple of seq_len); dpo: "
+        "global_batch_tokens / seq_len pairs per step, each side padded to at most seq_len.",
     )
-    micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward/backward.")
+    micro_batch_size: int = Field(
+        4, ge=1, description="Rows (dpo: pairs) per rank per forward/backward."
+    )
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps to run; unset: `epochs` full passes."
     )
@@ -249,6 +297,7 @@ class TrainConfig(_Section):
         False, description="Recompute layer activations in backward to save memory."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     progress: bool | None = Field(
         None,
         description="Driver progress bar over the metrics rows (tqdm, on stderr); unset: only "
@@ -377,7 +426,17 @@ class EvalConfig(_Section):
         "qa: exact_match + token_f1, rewrite: chrf.",
     )
     limit_per_task: int = Field(
-        0, ge=0, description="Examples scored per task, first ones in file order; 0: all."
+        0,
+        ge=0,
+        description="Examples scored per task (and pairs per preference_data file), first ones "
+        "in file order; 0: all.",
+    )
+    preference_data: list[str] = Field(
+        default_factory=list,
+        description="jsonl files of preference pairs ({prompt, chosen, rejected} or the other "
+        "shapes `data prepare` reads, e.g. `raylm synth`'s preference/heldout/style.jsonl): "
+        "win_rate is the share of pairs whose chosen answer gets the higher log-prob; "
+        "greedy_chosen / greedy_rejected how often the greedy answer is that answer.",
     )
     max_new_tokens: int = Field(
         32, ge=1, description="Greedy decoding stops here unless eos / end-of-turn comes first."

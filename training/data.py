@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from data_pipelines.writer import PREFERENCE_COLUMNS as PAIR_COLUMNS
 from training.errors import TrainConfigError
 
 __all__ = [
@@ -172,6 +173,20 @@ def rank_row_order(
     return EpochShard(rows=shard.rows[..., 1], steps=shard.steps, dropped=shard.dropped)
 
 
+def _list_rows(col: Any) -> np.ndarray:
+    """A list<int32> column of rows of any length (preference pairs, unpadded) as a (rows,) object
+    array of int32 arrays, each a view of its chunk's values buffer."""
+    out = np.empty(len(col), dtype=object)
+    k = 0
+    for chunk in col.chunks:
+        offsets = chunk.offsets.to_numpy()
+        flat = chunk.values.to_numpy(zero_copy_only=False)
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            out[k] = flat[a:b]
+            k += 1
+    return out
+
+
 def _list_matrix(col: Any) -> np.ndarray:
     """A list<int32> column of fixed-length rows (exactly seq_len) as a (rows, seq) int32 array:
     views of each chunk's values buffer, no per-row objects (combine/flatten cost ~1 ms a group)."""
@@ -195,6 +210,10 @@ class _SplitReader:
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
     SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
     still masks padding and document starts).
+
+    Preference rows (``chosen_*``/``rejected_*`` columns) have no fixed length: those columns come
+    back as (rows,) object arrays of int32 arrays. ``extra`` columns, one value per row in
+    ascending row_id order (precomputed reference log-probs), are joined to what is read.
     """
 
     def __init__(
@@ -203,8 +222,11 @@ class _SplitReader:
         columns: list[str],
         layout: list[list[int]] | None = None,
         cache_groups: int = 16,
+        extra: dict[str, np.ndarray] | None = None,
     ):
         self.paths = files
+        self.ragged = any(c in PAIR_COLUMNS for c in columns)
+        self.extra = extra or {}
         first = pq.ParquetFile(files[0])
         self.fill_labels = "labels" in columns and "labels" not in first.schema_arrow.names
         self.columns = [c for c in columns if not (c == "labels" and self.fill_labels)]
@@ -221,6 +243,10 @@ class _SplitReader:
         self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_groups = cache_groups
         self._lock = threading.Lock()  # the prefetch thread and eval may read concurrently
+        for name, values in self.extra.items():
+            if len(values) != self._size:
+                raise TrainConfigError(f"{Path(files[0]).parent}: {name} has {len(values)} rows, "
+                                       f"the split {self._size}")  # fmt: skip
 
     def _index_from_files(self) -> None:
         """Outputs without a layout in the manifest: the row_id column and footers of every file."""
@@ -263,8 +289,9 @@ class _SplitReader:
             return self._cache[key]
         table = pq.ParquetFile(self.paths[file]).read_row_group(group, columns=self.columns)
         out = {}
+        lists = _list_rows if self.ragged else _list_matrix
         for c in self.columns:
-            out[c] = table[c].to_numpy() if c == "row_id" else _list_matrix(table[c])
+            out[c] = table[c].to_numpy() if c == "row_id" else lists(table[c])
         self._cache[key] = out
         if len(self._cache) > self._cache_groups:
             self._cache.popitem(last=False)
@@ -285,24 +312,46 @@ class _SplitReader:
                     out[c][hit] = arr[rows[hit]]
         if self.fill_labels:
             out["labels"] = out["input_ids"].copy()
+        for name, values in self.extra.items():
+            out[name] = values[positions]
         return out
 
 
 def _columns(infos: list[DatasetInfo]) -> list[str]:
     """Columns every micro-batch carries: ``labels`` when any dataset has them (SFT, possibly with
-    pretraining datasets mixed in to keep the base model's language ability)."""
+    pretraining datasets mixed in to keep the base model's language ability); preference datasets
+    (DPO takes only those) their pair columns."""
+    if any(i.mode == "preference" for i in infos):
+        return ["row_id", *PAIR_COLUMNS]
     base = ["row_id", "input_ids", "position_ids"]
     return base + ["labels"] if any(i.has_labels for i in infos) else base
 
 
+def _reader(
+    info: DatasetInfo, split: str, columns: list[str], reference: str | None
+) -> _SplitReader:
+    """A split's reader; ``reference``: a precomputed reference dir whose log-probs join the rows."""
+    extra = None
+    if reference:
+        from training.reference import read_reference
+
+        extra = read_reference(reference, split)
+    return _SplitReader(info.files[split], columns, info.layouts.get(split), extra=extra)
+
+
 class MixedRows:
-    """One rank's view of the mixed training data: per-step micro-batches, from any start step."""
+    """One rank's view of the mixed training data: per-step micro-batches, from any start step.
+
+    ``references``: per dataset, the dir of its precomputed reference log-probs (DPO), or None.
+    """
 
     def __init__(self, infos: list[DatasetInfo], weights: list[float], seed: int,
-                 global_rows: int, micro_batch: int, world_size: int, rank: int):  # fmt: skip
+                 global_rows: int, micro_batch: int, world_size: int, rank: int,
+                 references: list[str] | None = None):  # fmt: skip
         self.columns = _columns(infos)
-        self.readers = [_SplitReader(i.files["train"], self.columns, i.layouts.get("train"))
-                        for i in infos]  # fmt: skip
+        refs = references or [None] * len(infos)
+        self.readers = [_reader(i, "train", self.columns, r)
+                        for i, r in zip(infos, refs, strict=True)]  # fmt: skip
         self.sizes = [len(r) for r in self.readers]
         self.weights, self.seed = list(weights), seed
         self.global_rows, self.micro_batch = global_rows, micro_batch
@@ -395,7 +444,12 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
 
 
 def validation_batches(
-    infos: list[DatasetInfo], micro_batch: int, world_size: int, rank: int, max_batches: int
+    infos: list[DatasetInfo],
+    micro_batch: int,
+    world_size: int,
+    rank: int,
+    max_batches: int,
+    references: list[str] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """This rank's held-out micro-batches: the same count on every rank (eval is a collective).
 
@@ -403,8 +457,9 @@ def validation_batches(
     """
     # SFT: the held-out loss covers assistant tokens only, as in training.
     columns = _columns(infos)
-    readers = [_SplitReader(i.files["validation"], columns, i.layouts.get("validation"))
-               for i in infos if i.rows["validation"] > 0 and i.files["validation"]]  # fmt: skip
+    refs = references or [None] * len(infos)
+    readers = [_reader(i, "validation", columns, r) for i, r in zip(infos, refs, strict=True)
+               if i.rows["validation"] > 0 and i.files["validation"]]  # fmt: skip
     total = sum(len(r) for r in readers)
     per_rank = min(max_batches, total // (micro_batch * world_size))
     if per_rank == 0:

@@ -1,9 +1,10 @@
 """``raylm eval``'s core: held-out perplexity on prepared parquet and generation-scored tasks.
 
 Phases: :func:`plan_eval` (every input check, before any model loads) -> :func:`run_perplexity`
-(in-process ``transformers`` forward passes over the validation split) -> :func:`run_tasks`
-(prompts through a ``generate`` callable, scored by ``training.scoring``) -> the lm-eval tasks
-(a :data:`Harness` callable) -> ``eval.json``.
+(in-process ``transformers`` forward passes over the validation split) and the preference pairs'
+log-probs (:func:`run_preference`) -> :func:`run_tasks` (prompts through a ``generate``
+callable, scored by ``training.scoring``; greedy answers to the preference prompts) -> the lm-eval
+tasks (a :data:`Harness` callable) -> ``eval.json``.
 
 No Ray and no ``serving`` import: generation and lm-eval come in as callables. The CLI layer
 (``cluster.evaluate``) builds them from the serving engine and lm-evaluation-harness; any
@@ -41,6 +42,7 @@ __all__ = [
     "Generate",
     "GenerateSession",
     "Harness",
+    "PairRecord",
     "PerplexityData",
     "PromptError",
     "TaskRecord",
@@ -51,8 +53,11 @@ __all__ = [
     "format_table",
     "load_report",
     "plan_eval",
+    "read_preference_file",
     "read_task_file",
     "run_perplexity",
+    "run_preference",
+    "run_preference_generation",
     "run_tasks",
 ]
 
@@ -96,6 +101,14 @@ class PerplexityData:
     info: DatasetInfo
 
 
+@dataclass(frozen=True)
+class PairRecord:
+    source: str  # "file:line"
+    prompt: Messages
+    chosen: str
+    rejected: str
+
+
 @dataclass
 class EvalPlan:
     """Everything checked and resolved; running it cannot fail on configuration."""
@@ -109,6 +122,8 @@ class EvalPlan:
     vocab_size: int
     datasets: list[PerplexityData] = field(default_factory=list)
     tasks: dict[str, list[TaskRecord]] = field(default_factory=dict)  # task -> records, file order
+    # eval.preference_data path -> its pairs, file order
+    preference: dict[str, list[PairRecord]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -123,21 +138,27 @@ def eval_output(cfg: EvalConfig, name: str) -> Path:
 def plan_eval(cfg: EvalConfig, name: str) -> EvalPlan:
     """Check the model dir, task files and datasets; raise :class:`EvalError` naming the key."""
     model_dir = _check_model_dir(cfg.model)
-    if not cfg.perplexity_data and not cfg.tasks and not cfg.harness_tasks:
+    if not (cfg.perplexity_data or cfg.tasks or cfg.harness_tasks or cfg.preference_data):
         raise EvalError(
-            "eval: nothing to evaluate; set eval.perplexity_data, eval.tasks and/or "
-            "eval.harness_tasks"
+            "eval: nothing to evaluate; set eval.perplexity_data, eval.tasks, "
+            "eval.preference_data and/or eval.harness_tasks"
         )
     device, dtype = _pick_device(cfg)
     tasks = _read_tasks(cfg.tasks, cfg.limit_per_task)
+    pairs = {
+        path: read_preference_file(path, f"eval.preference_data[{i}]")[: cfg.limit_per_task or None]
+        for i, path in enumerate(cfg.preference_data)
+    }
     model_tok = _load_tokenizer(model_dir, "eval.model")
-    if tasks and not getattr(model_tok, "chat_template", None):
+    if (tasks or pairs) and not getattr(model_tok, "chat_template", None):
+        key = "eval.tasks" if tasks else "eval.preference_data"
         raise EvalError(
-            f"eval.model: {cfg.model}: its tokenizer has no chat template; eval.tasks prompts "
+            f"eval.model: {cfg.model}: its tokenizer has no chat template; {key} prompts "
             "are chat messages (export the model with its tokenizer's template)"
         )
     vocab = _model_vocab(model_dir, model_tok)
-    plan = EvalPlan(cfg, name, model_dir, eval_output(cfg, name), device, dtype, vocab, tasks=tasks)
+    plan = EvalPlan(cfg, name, model_dir, eval_output(cfg, name), device, dtype, vocab, tasks=tasks,
+                    preference=pairs)  # fmt: skip
     for i, path in enumerate(cfg.perplexity_data):
         key = f"eval.perplexity_data[{i}]"
         try:
@@ -290,6 +311,36 @@ def _task_record(line: str, where: str) -> TaskRecord:
     return TaskRecord(where, rec["task"], clean, rec["reference"])
 
 
+def read_preference_file(path: str, key: str) -> list[PairRecord]:
+    """All pairs of one jsonl file, in the shapes ``data prepare`` reads (``split_preference``);
+    errors name ``key`` or ``path:line`` and the reason."""
+    from data_pipelines.formats import RecordProblem
+    from data_pipelines.preference import split_preference
+
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"{key}: {path}: no such file")
+    out = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise EvalError(f"{key}: {path}: not UTF-8 text") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            pair = split_preference(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"{where}: invalid JSON ({exc.msg})") from None
+        except RecordProblem as exc:
+            raise EvalError(f"{where}: {exc.reason}: {exc.detail}") from None
+        out.append(PairRecord(where, pair.prompt, pair.chosen, pair.rejected))
+    if not out:
+        raise EvalError(f"{key}: {path}: no records")
+    return out
+
+
 def _read_tasks(paths: list[str], limit: int) -> dict[str, list[TaskRecord]]:
     """Records grouped by task (file order), at most ``limit`` per task (0: all)."""
     by_task: dict[str, list[TaskRecord]] = {}
@@ -376,15 +427,89 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
 
 def run_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
     """Perplexity per dataset; the model is loaded once and freed before generation starts."""
-    if not plan.datasets:
-        return []
+    return _forward_scores(plan)[0]
+
+
+def run_preference(plan: EvalPlan) -> list[dict[str, Any]]:
+    """Log-prob scores of each eval.preference_data file (see :func:`_pair_logps`)."""
+    return _forward_scores(plan)[1]
+
+
+def _forward_scores(plan: EvalPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(perplexity per dataset, preference scores per file) with one model load, freed before
+    generation starts."""
+    if not plan.datasets and not plan.preference:
+        return [], []
     model = _load_model(plan)
     try:
-        return [_dataset_perplexity(model, d, plan) for d in plan.datasets]
+        tok = _load_tokenizer(plan.model_dir, "eval.model")
+        return ([_dataset_perplexity(model, d, plan) for d in plan.datasets],
+                [_pair_logps(model, tok, path, recs, plan)
+                 for path, recs in plan.preference.items()])  # fmt: skip
     finally:
         del model
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _encode_pair(tok: Any, rec: PairRecord, max_len: int) -> dict[str, np.ndarray]:
+    """One pair as a preference row: each side prompt + answer through the chat template,
+    labels on the answer and its end-of-turn token (as ``data prepare`` labels it)."""
+    from jinja2.exceptions import TemplateError
+
+    from data_pipelines.errors import DataError
+    from data_pipelines.formats import RecordProblem
+    from data_pipelines.tokenize import encode_conversation
+
+    row: dict[str, np.ndarray] = {}
+    for side, answer in (("chosen", rec.chosen), ("rejected", rec.rejected)):
+        msgs = [*rec.prompt, {"role": "assistant", "content": answer}]
+        try:
+            ids, labels = encode_conversation(tok, msgs, last_only=True)
+        except (RecordProblem, DataError, TemplateError) as exc:
+            raise EvalError(
+                f"{rec.source}: the model's chat template cannot render it ({exc})"
+            ) from None
+        if len(ids) > max_len:
+            raise EvalError(f"{rec.source}: the {side} side has {len(ids)} tokens; the model's "
+                            f"context is {max_len}")  # fmt: skip
+        row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
+    return row
+
+
+@torch.inference_mode()
+def _pair_logps(
+    model: Any, tok: Any, path: str, records: list[PairRecord], plan: EvalPlan
+) -> dict[str, Any]:
+    """Summed log-prob of each pair's chosen and rejected answer (its end-of-turn token
+    included, as DPO scores it); win_rate: the share (points) where chosen is higher, margin:
+    the mean difference in nats."""
+    from training.dpo import collate_pairs, reference_logps
+
+    t0 = time.perf_counter()
+    max_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    rows = [_encode_pair(tok, r, max_len) for r in records]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    chosen, rejected = [], []
+    for start in range(0, len(rows), plan.cfg.batch_size):
+        part = rows[start : start + plan.cfg.batch_size]
+        batch = {k: [r[k] for r in part] for k in part[0]}
+        cols = collate_pairs(batch, int(pad or 0))
+        t = {k: torch.from_numpy(v).to(plan.device) for k, v in cols.items()}
+        c, r = reference_logps(model, t)
+        chosen += c.double().tolist()
+        rejected += r.double().tolist()
+    diff = np.asarray(chosen) - np.asarray(rejected)
+    samples = [{"source": rec.source, "prompt": rec.prompt[-1]["content"], "chosen": rec.chosen,
+                "rejected": rec.rejected, "logp_chosen": c, "logp_rejected": r}
+               for rec, c, r in list(zip(records, chosen, rejected, strict=True))[: plan.cfg.samples]]  # fmt: skip
+    return {
+        "path": path,
+        "n": len(records),
+        "metrics": {"win_rate": 100.0 * float((diff > 0).mean()), "margin": float(diff.mean())},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "samples": samples,
+    }
 
 
 # ---------------------------------------------------------------- generation tasks
@@ -398,6 +523,30 @@ def _generate_checked(generate: Generate, records: list[TaskRecord], max_new: in
     if len(preds) != len(records):
         raise RuntimeError(f"generate returned {len(preds)} completions for {len(records)} prompts")
     return preds
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_preference_generation(
+    plan: EvalPlan, generate: Generate, scores: list[dict[str, Any]]
+) -> None:
+    """Greedy answers to each preference file's prompts: ``greedy_chosen`` / ``greedy_rejected``
+    (points) are the shares equal (whitespace aside) to the chosen / rejected answer; added to
+    ``scores`` (:func:`run_preference`'s entries, same order)."""
+    for entry, records in zip(scores, plan.preference.values(), strict=True):
+        t0 = time.perf_counter()
+        preds = [_normalized(p) for p in _generate_checked(
+            generate, [TaskRecord(r.source, "preference", r.prompt, "") for r in records],
+            plan.cfg.max_new_tokens)]  # fmt: skip
+        chosen = [p == _normalized(r.chosen) for p, r in zip(preds, records, strict=True)]
+        rejected = [p == _normalized(r.rejected) for p, r in zip(preds, records, strict=True)]
+        entry["metrics"]["greedy_chosen"] = 100.0 * float(np.mean(chosen))
+        entry["metrics"]["greedy_rejected"] = 100.0 * float(np.mean(rejected))
+        for sample, pred in zip(entry["samples"], preds, strict=False):
+            sample["prediction"] = pred
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t0, 3)
 
 
 def run_tasks(plan: EvalPlan, generate: Generate) -> list[dict[str, Any]]:
@@ -437,16 +586,17 @@ def evaluate(
     """Run perplexity, the tasks through ``session()``, then ``harness()``; write and return
     eval.json's content."""
     t0 = time.perf_counter()
-    perplexity = run_perplexity(plan)
+    perplexity, preference = _forward_scores(plan)
     t1 = time.perf_counter()
     tasks: list[dict[str, Any]] = []
     load_s = 0.0
-    if plan.tasks:
+    if plan.tasks or (preference and session is not None):
         if session is None:
             raise ValueError("eval.tasks is set but no generate session was given")
         with session() as generate:
             load_s = time.perf_counter() - t1
             tasks = run_tasks(plan, generate)
+            run_preference_generation(plan, generate, preference)
     t2 = time.perf_counter()
     harness_report = harness() if harness is not None else None
     t3 = time.perf_counter()
@@ -458,6 +608,7 @@ def evaluate(
         "dtype": plan.dtype,
         "perplexity": perplexity,
         "tasks": tasks,
+        "preference": preference,
         "warnings": plan.warnings,
         "timings": {
             "perplexity_s": round(t1 - t0, 3),
@@ -493,6 +644,9 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, tuple[float, str]]:
     for t in report.get("tasks", []):
         for name, value in t["metrics"].items():
             out[f"{t['task']} {name}"] = (float(value), str(t["n"]))
+    for p in report.get("preference", []):
+        for name, value in p["metrics"].items():
+            out[f"preference {Path(p['path']).stem} {name}"] = (float(value), str(p["n"]))
     for t in report.get("harness", {}).get("tasks", []):
         for name, value in t["metrics"].items():
             out[f"lm-eval {t['task']} {name}"] = (float(value), str(t["n"]))

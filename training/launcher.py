@@ -111,8 +111,9 @@ def _vocab_and_pad(cfg: RaylmConfig, infos: list[DatasetInfo]) -> tuple[int, int
     return vocab, int(pad)
 
 
-# data.mode values each train.task can read: SFT may mix pretraining text in (loss on every token).
-_TASK_MODES = {"pretrain": ("pretrain",), "sft": ("sft", "pretrain")}
+# data.mode values each train.task can read: SFT may mix pretraining text in (loss on every token);
+# DPO trains on preference pairs only.
+_TASK_MODES = {"pretrain": ("pretrain",), "sft": ("sft", "pretrain"), "dpo": ("preference",)}
 
 
 def _datasets(cfg: RaylmConfig) -> list[DatasetInfo]:
@@ -157,16 +158,16 @@ def _provenance(cfg: RaylmConfig, infos: list[DatasetInfo]) -> dict[str, Any]:
             "trust_remote_code": cfg.model.trust_remote_code}  # fmt: skip
 
 
-def _check_init_from(path: str) -> None:
+def _check_init_from(path: str, key: str = "model.init_from") -> None:
     """A base model dir that exists, is a transformers dir and has safetensors weights."""
     root = Path(path)
     if not root.is_dir():
-        raise TrainConfigError(f"model.init_from: {path} does not exist")
+        raise TrainConfigError(f"{key}: {path} does not exist")
     if not (root / "config.json").is_file():
-        raise TrainConfigError(f"model.init_from: {path} has no config.json (not a HF model dir)")
+        raise TrainConfigError(f"{key}: {path} has no config.json (not a HF model dir)")
     if not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         raise TrainConfigError(
-            f"model.init_from: {path} has no model.safetensors or model.safetensors.index.json "
+            f"{key}: {path} has no model.safetensors or model.safetensors.index.json "
             "(weights load from safetensors only)"
         )
 
@@ -211,6 +212,40 @@ def _check_lora(cfg: RaylmConfig, vocab: int) -> LoraConfig:
     return lora.model_copy(update={"modules_to_save": saved + added})
 
 
+def _plan_dpo(
+    cfg: RaylmConfig, train: TrainConfig, infos: list[DatasetInfo], vocab: int
+) -> tuple[TrainConfig, list[str]]:
+    """``train.dpo`` with the reference resolved (``auto`` decided, the reference model an absolute
+    path) and, for a precomputed reference, each dataset's reference dir."""
+    dpo = train.dpo
+    if not cfg.model.init_from:
+        raise TrainConfigError("model.init_from: train.task dpo starts from a trained model (usually "
+                               "the SFT export), which is also the default reference; set it")  # fmt: skip
+    if dpo.reference_model:
+        _check_init_from(dpo.reference_model, "train.dpo.reference_model")
+    ref_model = Path(dpo.reference_model or cfg.model.init_from).resolve()
+    same_base = ref_model == Path(cfg.model.init_from).resolve()
+    mode = dpo.reference
+    if mode == "auto":
+        mode = "adapter_disabled" if train.lora.enabled and same_base else "precomputed"
+    if mode == "adapter_disabled" and not train.lora.enabled:
+        raise TrainConfigError("train.dpo.reference: adapter_disabled is the frozen base with the "
+                               "LoRA adapter switched off; it needs train.lora.enabled: true")  # fmt: skip
+    if mode == "adapter_disabled" and not same_base:
+        raise TrainConfigError(f"train.dpo.reference: adapter_disabled scores with model.init_from, "
+                               f"but train.dpo.reference_model is {dpo.reference_model}; use "
+                               "precomputed")  # fmt: skip
+    resolved = dpo.model_copy(update={"reference": mode, "reference_model": str(ref_model)})
+    refs: list[str] = []
+    if mode == "precomputed":
+        from training.reference import model_content_hash, reference_dir
+
+        digest = model_content_hash(ref_model)
+        refs = [reference_dir(i.path, digest, vocab, cfg.seed, cfg.deepspeed.precision)
+                for i in infos]  # fmt: skip
+    return train.model_copy(update={"dpo": resolved}), refs
+
+
 def _resume_keys(
     cfg: RaylmConfig, train: TrainConfig, vocab: int, seq_len: int, manifests: dict[str, str]
 ) -> dict[str, Any]:
@@ -231,6 +266,8 @@ def _resume_keys(
     }  # fmt: skip
     if train.lora.enabled:  # adapters of another shape cannot load
         keys["train.lora"] = train.lora.model_dump(mode="json")
+    if train.task == "dpo":  # another beta, loss or reference is another objective
+        keys["train.dpo"] = train.dpo.model_dump(mode="json")
     return keys
 
 
@@ -250,6 +287,9 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
     train_cfg = cfg.train
     if train_cfg.lora.enabled:
         train_cfg = train_cfg.model_copy(update={"lora": _check_lora(cfg, vocab)})
+    references: list[str] = []
+    if train_cfg.task == "dpo":
+        train_cfg, references = _plan_dpo(cfg, train_cfg, infos, vocab)
     world = cfg.scaling.num_workers
     plan = batch_plan(cfg.train.global_batch_tokens, seq_len, cfg.train.micro_batch_size, world)
     if cfg.train.nonfinite == "skip" and cfg.deepspeed.zero_stage == 0:
@@ -267,9 +307,11 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
                     use_gpu=cfg.scaling.use_gpu, cuda_available=cfg.scaling.use_gpu)  # fmt: skip
     provenance = _provenance(cfg, infos)
     resume_keys = _resume_keys(cfg, train_cfg, vocab, seq_len, provenance["manifest_sha256"])
-    # What training reads: a changed serve port or eval task list is not a different run.
+    # What training reads: a changed serve port or eval task list is not a different run (nor,
+    # outside DPO, the train.dpo section: hashes of earlier runs stay what they were).
     trained = cfg.model_dump(mode="json", include={"name", "seed", "model", "train", "deepspeed",
-                                                   "scaling"})  # fmt: skip
+                                                   "scaling"},
+                             exclude=None if cfg.train.task == "dpo" else {"train": {"dpo"}})  # fmt: skip
     blob = json.dumps(trained, sort_keys=True).encode()
     if is_s3(cfg.train.storage_path):  # last: the checks above need no network
         check_s3_storage(cfg.train.storage_path, cfg.train.s3.endpoint_url, cfg.train.s3.region)
@@ -283,6 +325,7 @@ def plan_job(cfg: RaylmConfig) -> WorkerJob:
         seq_len=seq_len, vocab_size=vocab, pad_id=pad, total_steps=total,
         config_hash=hashlib.sha256(blob).hexdigest(), resume_keys=resume_keys,
         use_gpu=cfg.scaling.use_gpu, versions=package_versions(), provenance=provenance,
+        reference=references,
     )  # fmt: skip
 
 
@@ -403,6 +446,10 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | N
 
     job = job or plan_job(cfg)
     sc = cfg.scaling
+    if job.reference:  # DPO: the reference log-probs, once, before any worker starts
+        from training.reference import ensure_references
+
+        ensure_references(job, sc)
     storage, fs = _ray_storage(cfg)
     trainer = TorchTrainer(
         _train_fn,

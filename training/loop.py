@@ -38,10 +38,18 @@ from training.checkpoint import (
 )
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, MixedRows, validation_batches
+from training.dpo import PairScores, collate_pairs, pair_scores, reference_logps
 from training.ds_config import build_ds_config
 from training.errors import CheckpointError, NonFiniteError
 from training.lora import apply_lora
-from training.model import build_model, causal_lm_class, flops_per_token, hf_config, init_parameter
+from training.model import (
+    build_model,
+    causal_lm_class,
+    flops_per_token,
+    hf_config,
+    init_parameter,
+    resize_vocab,
+)
 from training.observe import close_trackers, log_row
 from training.preempt import stop_reason
 from training.records import (
@@ -83,6 +91,9 @@ class WorkerJob:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Audit trail: each rank appends the row ids of every step to row_ids/rank_R.jsonl.
     record_row_ids: bool = False
+    # DPO with a precomputed reference: per dataset, the dir of its reference log-probs
+    # (training.reference); empty otherwise.
+    reference: list[str] = field(default_factory=list)
 
 
 class Reporter(Protocol):
@@ -143,6 +154,10 @@ class _Ctx:
     steps_acc: int = 0  # steps since the last log
     step_lr: float = 0.0  # lr the last optimizer step ran at
     grad_norm: float | None = None  # pre-clip global grad norm of the last step
+    log_tokens: int = 0  # state.tokens_seen at the previous metrics row
+    # DPO: this rank's shares of (dpo loss, chosen reward, rejected reward, reward accuracy,
+    # chosen NLL) summed over the steps since the last log; (5,) float64.
+    dpo_acc: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------- setup
@@ -206,17 +221,18 @@ def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
         _zero3_init_weights(model, job.seed, job.model.init_std)
     else:
         model = build_model(job.model, job.vocab_size, dtype, ckpt, seed=job.seed)
-    if job.model.init_from and job.vocab_size > model.config.vocab_size:
+    if job.model.init_from:
         # The dataset tokenizer outgrew the base (e.g. the default chat template's tokens): grow
         # embed_tokens and an untied lm_head; the config's vocab_size follows, so checkpoints and
-        # exports get the new shapes. New rows are drawn around the old rows' mean (mean_resizing),
-        # from one seed so every rank adds the same rows. Under ZeRO-3 (hf_ds alive) transformers
-        # gathers the partitioned weights; deepspeed.initialize partitions the new ones.
+        # exports get the new shapes. Under ZeRO-3 (hf_ds alive) transformers gathers the
+        # partitioned weights; deepspeed.initialize partitions the new ones.
+        resize_vocab(model, job.vocab_size, job.seed)
+    if job.train.lora.enabled:
+        # peft draws lora_A from torch's global generator, whose seed differs per process: from
+        # the run's seed instead, so two runs of one config start from the same adapters.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(job.seed)
-            model.resize_token_embeddings(job.vocab_size, mean_resizing=True)
-    if job.train.lora.enabled:
-        model = apply_lora(model, job.train.lora, ckpt)
+            model = apply_lora(model, job.train.lora, ckpt)
     # Right after construction: what this rank holds (ZeRO-3: about total / world).
     local, total = local_param_counts(model)
     write_worker_info(Path(job.run_dir), io.rank, {"rank": io.rank, "world_size": io.world_size,
@@ -248,10 +264,11 @@ def _setup(job: WorkerJob, io: WorkerIO) -> _Ctx:
 
     plan = batch_plan(job.train.global_batch_tokens, job.seq_len, job.train.micro_batch_size,
                       io.world_size)  # fmt: skip
+    refs = job.reference or None  # DPO: precomputed reference log-probs join the rows
     data = MixedRows(job.datasets, job.weights, job.seed, plan.global_rows, plan.micro_batch,
-                     io.world_size, io.rank)  # fmt: skip
+                     io.world_size, io.rank, references=refs)  # fmt: skip
     eval_data = validation_batches(job.datasets, plan.micro_batch, io.world_size, io.rank,
-                                   job.train.eval_batches)  # fmt: skip
+                                   job.train.eval_batches, references=refs)  # fmt: skip
     state = TrainState(world_size=io.world_size, config_hash=job.config_hash,
                        resume_keys=job.resume_keys, versions=job.versions,
                        provenance=job.provenance)  # fmt: skip
@@ -267,6 +284,7 @@ def _setup(job: WorkerJob, io: WorkerIO) -> _Ctx:
         trim_jsonl(Path(job.run_dir) / METRICS_NAME, ctx.state.step)
         _copy_tokenizer(job)
     ctx.last_log = (time.perf_counter(), ctx.state.step)
+    ctx.log_tokens = ctx.state.tokens_seen
     return ctx
 
 
@@ -376,16 +394,35 @@ def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
     step_loss = torch.zeros((), device=engine.device)  # this rank's share of the step's mean
     for k, (t, targets) in enumerate(prepared):
         total, _count = _forward_loss(ctx, t, targets)
-        engine.backward(total * scale.to(total.dtype))  # collective at the boundary (reduce)
-        last = k == len(micro_batches) - 1
-        if last and ctx.io.before_update is not None:
-            ctx.io.before_update(engine.module, ctx.state.step + 1, ctx.io.rank)
-        if last and ctx.job.deepspeed.zero_stage == 0:
-            ctx.grad_norm = _local_grad_norm(engine.module)  # reduced, not yet clipped
-        engine.step()  # optimizer step only at the boundary
+        _backward(ctx, total * scale.to(total.dtype), last=k == len(micro_batches) - 1)
         step_loss += total.detach() / n_global.clamp(min=1)
+    _finish_step(ctx, step_loss, skipped_before, micro_batches,
+                 ctx.data.global_rows * ctx.job.seq_len, n_global)  # fmt: skip
+
+
+def _backward(ctx: _Ctx, loss: torch.Tensor, last: bool) -> None:
+    """One micro-batch's backward, then DeepSpeed's step (an optimizer update only when ``last``:
+    the accumulation boundary)."""
+    engine = ctx.engine
+    engine.backward(loss)  # collective at the boundary (reduce)
+    if last and ctx.io.before_update is not None:
+        ctx.io.before_update(engine.module, ctx.state.step + 1, ctx.io.rank)
+    if last and ctx.job.deepspeed.zero_stage == 0:
+        ctx.grad_norm = _local_grad_norm(engine.module)  # reduced, not yet clipped
+    engine.step()  # optimizer step only at the boundary
+
+
+def _finish_step(
+    ctx: _Ctx,
+    step_loss: torch.Tensor,
+    skipped_before: int,
+    micro_batches: list[dict[str, np.ndarray]],
+    tokens: int,
+    loss_tokens: torch.Tensor,
+) -> None:
+    """After the update: grad norm, health check, accumulators and the train state."""
     if ctx.job.deepspeed.zero_stage > 0:
-        norm = engine.get_global_grad_norm()  # computed inside ZeRO's step, same on every rank
+        norm = ctx.engine.get_global_grad_norm()  # computed inside ZeRO's step, same on every rank
         ctx.grad_norm = None if norm is None else float(norm)
     _health_check(ctx, step_loss, skipped_before)
     ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
@@ -393,9 +430,74 @@ def _train_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
     ctx.state.step += 1
     if ctx.job.record_row_ids:
         append_row_ids(Path(ctx.job.run_dir), ctx.io.rank, ctx.state.step, micro_batches)
-    ctx.state.tokens_seen += ctx.data.global_rows * ctx.job.seq_len
-    ctx.state.loss_tokens_seen += int(n_global)  # host sync; cheap next to a step
+    ctx.state.tokens_seen += tokens
+    ctx.state.loss_tokens_seen += int(loss_tokens)  # host sync; cheap next to a step
     ctx.state.epoch, ctx.state.step_in_epoch = divmod(ctx.state.step, ctx.data.steps_per_epoch)
+
+
+# ---------------------------------------------------------------- DPO step
+
+
+def _pairs_on_device(ctx: _Ctx, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A micro-batch of preference rows collated (chosen sides first, ``training.dpo``) on the
+    engine's device, with its host-side token counts."""
+    cols = collate_pairs(batch, ctx.job.pad_id)
+    dev = ctx.engine.device
+    t: dict[str, Any] = {k: torch.from_numpy(v).to(dev) for k, v in cols.items()}
+    answer = cols["labels"][:, 1:] != IGNORE_INDEX  # (2 x pairs, L-1)
+    pairs = len(answer) // 2
+    t["counts"] = (int(answer[:pairs].sum()), int(answer.sum()),
+                   int(sum(len(x) for c in ("chosen_input_ids", "rejected_input_ids")
+                           for x in batch[c])))  # fmt: skip
+    return t
+
+
+def _pair_scores(ctx: _Ctx, t: dict[str, Any]) -> PairScores:
+    """The policy's scores of a collated micro-batch against its reference: precomputed
+    log-probs from the rows, or (LoRA) the same engine with the adapter switched off."""
+    dpo = ctx.job.train.dpo
+    if dpo.reference == "adapter_disabled":
+        with ctx.engine.module.disable_adapter():  # torchtune's LoRA DPO recipe does the same
+            ref = reference_logps(ctx.engine, t)
+    else:
+        ref = (t["ref_chosen_logp"], t["ref_rejected_logp"])
+    return pair_scores(ctx.engine, t, ref, dpo.beta, dpo.loss, dpo.label_smoothing)
+
+
+def _dpo_step(ctx: _Ctx, micro_batches: list[dict[str, np.ndarray]]) -> None:
+    """One optimizer step of DPO over this rank's micro-batches of pairs.
+
+    The objective is the mean DPO loss over the step's pairs (all ranks, all micro-batches) plus
+    ``sft_weight`` x the chosen answers' NLL summed over the step and divided by the step's global
+    count of chosen answer tokens. Both denominators are known before any forward, so each
+    micro-batch contributes sums scaled by grad_accum x world / count (DeepSpeed divides by
+    grad_accum and averages over ranks) and the gradient does not depend on how the pairs are
+    split over ranks and accumulation steps.
+    """
+    engine, dpo = ctx.engine, ctx.job.train.dpo
+    skipped_before = engine.skipped_steps
+    ctx.step_lr = float(engine.get_lr()[0])
+    prepared = [_pairs_on_device(ctx, mb) for mb in micro_batches]
+    # collective: (chosen answer tokens, answer tokens, real tokens) of the whole step, (3,).
+    counts = torch.tensor([t["counts"] for t in prepared], dtype=torch.float64,
+                          device=engine.device).sum(dim=0)  # fmt: skip
+    dist.all_reduce(counts)
+    pairs, n_chosen = ctx.data.global_rows, counts[0].clamp(min=1)
+    scale = len(micro_batches) * ctx.io.world_size
+    step_loss = torch.zeros((), device=engine.device)  # this rank's share of the step's objective
+    stats = torch.zeros(5, dtype=torch.float64, device=engine.device)
+    for k, t in enumerate(prepared):
+        s = _pair_scores(ctx, t)
+        total = s.losses.sum() / pairs
+        if dpo.sft_weight:
+            total = total + dpo.sft_weight * s.chosen_nll / n_chosen.to(total.dtype)
+        _backward(ctx, total * scale, last=k == len(prepared) - 1)
+        step_loss += total.detach()
+        stats += torch.stack([s.losses.detach().sum() / pairs, s.chosen_rewards / pairs,
+                              s.rejected_rewards / pairs, s.correct / pairs,
+                              s.chosen_nll.detach() / n_chosen]).double()  # fmt: skip
+    ctx.dpo_acc = stats if ctx.dpo_acc is None else ctx.dpo_acc + stats
+    _finish_step(ctx, step_loss, skipped_before, micro_batches, int(counts[2]), counts[1])
 
 
 def _local_grad_norm(module: torch.nn.Module) -> float:
@@ -443,9 +545,8 @@ def _log_row(ctx: _Ctx) -> dict[str, Any]:
     loss = ctx.loss_acc.clone()
     dist.all_reduce(loss)  # collective: every rank logs on the same steps
     now = time.perf_counter()
-    t0, s0 = ctx.last_log
-    steps = ctx.state.step - s0
-    tokens_per_s = steps * ctx.data.global_rows * ctx.job.seq_len / max(now - t0, 1e-9)
+    t0, _ = ctx.last_log
+    tokens_per_s = (ctx.state.tokens_seen - ctx.log_tokens) / max(now - t0, 1e-9)
     peak = ctx.job.train.peak_tflops
     row = {
         "step": ctx.state.step,
@@ -459,7 +560,20 @@ def _log_row(ctx: _Ctx) -> dict[str, Any]:
         "epoch": ctx.state.epoch,
     }  # fmt: skip
     ctx.last_log, ctx.loss_acc, ctx.steps_acc = (now, ctx.state.step), None, 0
+    ctx.log_tokens = ctx.state.tokens_seen
     return row
+
+
+def _dpo_row(ctx: _Ctx) -> dict[str, float]:
+    """DPO metrics since the last log (means over the steps' pairs); call before ``_log_row``,
+    which resets the step count. collective: an all_reduce on log steps."""
+    acc = ctx.dpo_acc.clone()
+    dist.all_reduce(acc)  # every rank's shares add up to the step means
+    acc = acc / max(ctx.steps_acc, 1)
+    ctx.dpo_acc = None
+    return {"dpo_loss": float(acc[0]), "rewards_chosen": float(acc[1]),
+            "rewards_rejected": float(acc[2]), "reward_margin": float(acc[1] - acc[2]),
+            "reward_accuracy": float(acc[3]), "chosen_nll": float(acc[4])}  # fmt: skip
 
 
 def _evaluate(ctx: _Ctx) -> dict[str, float]:
@@ -475,6 +589,30 @@ def _evaluate(ctx: _Ctx) -> dict[str, float]:
     dist.all_reduce(sums)  # collective
     eval_loss = float(sums[0] / sums[1].clamp(min=1))
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _evaluate_dpo(ctx: _Ctx) -> dict[str, float]:
+    """Held-out pairs: the objective, reward accuracy and margin, and the perplexity of the chosen
+    answers. Same micro-batch count on every rank (forward is a collective under ZeRO-3)."""
+    ctx.engine.eval()
+    # (dpo loss, chosen reward, rejected reward, correct, chosen NLL, chosen tokens, pairs) sums
+    sums = torch.zeros(7, dtype=torch.float64, device=ctx.engine.device)
+    with torch.no_grad():
+        for mb in ctx.eval_data:
+            s = _pair_scores(ctx, _pairs_on_device(ctx, mb))
+            n = torch.tensor(float(len(s.losses)), device=ctx.engine.device)
+            sums += torch.stack([s.losses.sum(), s.chosen_rewards, s.rejected_rewards, s.correct,
+                                 s.chosen_nll, s.chosen_tokens, n]).double()  # fmt: skip
+    ctx.engine.train()
+    dist.all_reduce(sums)  # collective
+    pairs, nll = sums[6].clamp(min=1), float(sums[4] / sums[5].clamp(min=1))
+    dpo_loss = float(sums[0] / pairs)
+    return {"eval_loss": dpo_loss + ctx.job.train.dpo.sft_weight * nll, "eval_dpo_loss": dpo_loss,
+            "perplexity": math.exp(min(nll, 50.0)),
+            "eval_rewards_chosen": float(sums[1] / pairs),
+            "eval_rewards_rejected": float(sums[2] / pairs),
+            "eval_reward_margin": float((sums[1] - sums[2]) / pairs),
+            "eval_reward_accuracy": float(sums[3] / pairs)}  # fmt: skip
 
 
 def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
@@ -499,11 +637,13 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
 
 def _after_step(ctx: _Ctx, last: bool) -> None:
     train, step = ctx.job.train, ctx.state.step
+    dpo = train.task == "dpo"
     row: dict[str, Any] = {}
     if step % train.log_every == 0 or last:
-        row = _log_row(ctx)
+        extra = _dpo_row(ctx) if dpo else {}  # before _log_row: it resets the step count
+        row = {**_log_row(ctx), **extra}
     if ctx.eval_data and ((train.eval_every and step % train.eval_every == 0) or last):
-        row = {**(row or {"step": step}), **_evaluate(ctx)}
+        row = {**(row or {"step": step}), **(_evaluate_dpo(ctx) if dpo else _evaluate(ctx))}
     if row:
         _write_metrics(ctx, row)
     if step % train.checkpoint_every == 0 or last:
@@ -531,9 +671,10 @@ def _preempted(ctx: _Ctx) -> bool:
 def run_worker(job: WorkerJob, io: WorkerIO) -> TrainState:
     """Train until ``job.total_steps``; resumes from ``io.resume_candidates`` when one verifies."""
     ctx = _setup(job, io)
+    step = _dpo_step if job.train.task == "dpo" else _train_step
     try:
         for micro_batches in ctx.data.iter_steps(ctx.state.step, job.total_steps):
-            _train_step(ctx, micro_batches)
+            step(ctx, micro_batches)
             if io.after_step is not None:
                 io.after_step(ctx.state.step, io.rank)
             _after_step(ctx, last=ctx.state.step == job.total_steps)

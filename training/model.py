@@ -39,6 +39,7 @@ __all__ = [
     "model_max_positions",
     "model_stats",
     "packing_problem",
+    "resize_vocab",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,21 @@ def build_model(
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def resize_vocab(model: Any, vocab_size: int, seed: int) -> None:
+    """Grow the embeddings (and an untied head) of a loaded base to ``vocab_size`` rows.
+
+    For a dataset tokenizer that outgrew the base (e.g. the default chat template's tokens); the
+    config's vocab_size follows. New rows are drawn around the old rows' mean (mean_resizing)
+    from ``seed``, so every rank, and a DPO reference built apart from the workers, adds the same
+    rows. A model already that large is left alone.
+    """
+    if vocab_size <= model.config.vocab_size:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
 
 
 def meta_model(conf: Any) -> torch.nn.Module:

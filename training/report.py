@@ -3,7 +3,9 @@
 Reads only the run dir (no Ray, no torch), so it runs on a laptop against a synced run dir, or
 against an ``s3://`` run dir directly (endpoint and credentials from the environment).
 Plots go to ``RUN_DIR/plots/``: ``loss.png`` (train and eval loss), ``lr.png``,
-``tokens_per_s.png`` and, when the run evaluated, ``eval.png`` (eval loss and perplexity).
+``tokens_per_s.png`` and, when the run evaluated, ``eval.png`` (eval loss and perplexity); DPO runs
+add ``rewards.png`` (rewards of chosen and rejected answers and their margin, train and held-out)
+and ``reward_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ def _plot(path: Path, title: str, curves: list[tuple[str, list[int], list[float]
 
 def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    s = {k: _series(rows, k) for k in ("loss", "eval_loss", "lr", "tokens_per_s", "perplexity")}
+    keys = ("loss", "eval_loss", "lr", "tokens_per_s", "perplexity", "rewards_chosen",
+            "rewards_rejected", "reward_margin", "eval_reward_margin", "reward_accuracy",
+            "eval_reward_accuracy")  # fmt: skip
+    s = {k: _series(rows, k) for k in keys}
     made = [
         _plot(out / "loss.png", "loss", [("train", *s["loss"]), ("eval", *s["eval_loss"])]),
         _plot(out / "lr.png", "learning rate", [("lr", *s["lr"])]),
@@ -91,6 +96,21 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             "held-out eval",
             [("eval loss", *s["eval_loss"]), ("perplexity", *s["perplexity"])],
             log_y=True,
+        ),  # fmt: skip
+        _plot(
+            out / "rewards.png",
+            "DPO rewards: beta x log-prob ratio to the reference",
+            [
+                ("chosen", *s["rewards_chosen"]),
+                ("rejected", *s["rewards_rejected"]),
+                ("margin", *s["reward_margin"]),
+                ("held-out margin", *s["eval_reward_margin"]),
+            ],
+        ),  # fmt: skip
+        _plot(
+            out / "reward_accuracy.png",
+            "DPO reward accuracy: chosen reward > rejected reward",
+            [("train", *s["reward_accuracy"]), ("held-out", *s["eval_reward_accuracy"])],
         ),  # fmt: skip
     ]
     return [p for p in made if p is not None]
@@ -128,6 +148,11 @@ def summarize(
         best = min(range(len(ev)), key=ev.__getitem__)
         lines.append(f"eval loss    last {_fmt(ev[-1])} (ppl {_fmt(math.exp(min(ev[-1], 50.0)))})  "
                      f"best {_fmt(ev[best])} at step {ev_steps[best]}")  # fmt: skip
+    _, acc = _series(rows, "eval_reward_accuracy")
+    if acc:
+        _, margin = _series(rows, "eval_reward_margin")
+        lines.append(f"preference   held-out reward accuracy last {_fmt(acc[-1], '.1%')}  "
+                     f"margin last {_fmt(margin[-1] if margin else None)}")  # fmt: skip
     if tps:
         lines.append(f"tokens/s     median {_fmt(statistics.median(tps), ',.0f')}  "
                      f"last {_fmt(tps[-1], ',.0f')}")  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["write_synthetic_dataset"]
+__all__ = ["write_synthetic_dataset", "write_synthetic_preference"]
 
 PAD, EOS = 0, 1
 
@@ -122,5 +122,65 @@ def write_synthetic_dataset(
         "tokenizer": {"path": str((root / "tokenizer").resolve()), "fingerprint": "synthetic"},
         "config_hash": f"synthetic-{seed}",
     }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return root
+
+
+def _pair(rng: np.random.Generator, vocab_size: int, seq_len: int) -> list[np.ndarray]:
+    """(chosen ids, chosen labels, rejected ids, rejected labels): a prompt of a progression, the
+    chosen answer continuing it, the rejected one a random run; answers end in end-of-turn."""
+    eot, span = vocab_size - 1, vocab_size - 3  # ids 2 .. vocab_size - 2
+    n_prompt = int(rng.integers(4, max(5, seq_len // 2)))
+    start, stride = int(rng.integers(0, span)), int(rng.integers(1, 4))
+    prompt = 2 + (start + stride * np.arange(n_prompt)) % span
+    n_good, n_bad = (int(rng.integers(2, max(3, seq_len - n_prompt - 1))) for _ in range(2))
+    good = 2 + (start + stride * np.arange(n_prompt, n_prompt + n_good)) % span
+    bad = rng.integers(2, vocab_size - 1, size=n_bad)
+    out = []
+    for answer in (good, bad):
+        ids = np.concatenate([prompt, answer, [eot]]).astype(np.int32)
+        labels = np.where(np.arange(len(ids)) >= n_prompt, ids, -100).astype(np.int32)
+        out += [ids, labels]
+    return out
+
+
+def write_synthetic_preference(
+    out: str | Path,
+    *,
+    train_rows: int = 32,
+    validation_rows: int = 8,
+    seq_len: int = 32,
+    vocab_size: int = 64,
+    seed: int = 0,
+    rows_per_file: int = 16,
+) -> Path:
+    """A ``data.mode: preference`` output (one unpadded pair per row, sides of different lengths,
+    at most ``seq_len`` tokens each) with its tokenizer and manifest; returns its dir."""
+    from data_pipelines.writer import PREFERENCE_COLUMNS
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(root / "tokenizer", vocab_size)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, rows in (("train", train_rows), ("validation", validation_rows)):
+        pairs = [_pair(rng, vocab_size, seq_len) for _ in range(rows)]
+        (root / split).mkdir(parents=True, exist_ok=True)
+        files = []
+        for k, start in enumerate(range(0, rows, rows_per_file)):
+            chunk = pairs[start : start + rows_per_file]
+            cols = {"row_id": pa.array(np.arange(start, start + len(chunk)), pa.int64())}
+            for c, name in enumerate(PREFERENCE_COLUMNS):
+                cols[name] = pa.array([p[c].tolist() for p in chunk], pa.list_(pa.int32()))
+            files.append(f"part-{k:05d}.parquet")
+            pq.write_table(pa.table(cols), root / split / files[-1])
+        tokens = sum(len(p[0]) + len(p[2]) for p in pairs)
+        splits[split] = {"rows": rows, "tokens": tokens, "files": files}
+    manifest = {
+        "mode": "preference", "packed": False, "seq_len": seq_len, "pad_token_id": PAD,
+        "eos_token_id": EOS, "tokens": sum(s["tokens"] for s in splits.values()), "splits": splits,
+        "tokenizer": {"path": str((root / "tokenizer").resolve()), "fingerprint": "synthetic"},
+        "config_hash": f"synthetic-preference-{seed}",
+    }  # fmt: skip
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return root

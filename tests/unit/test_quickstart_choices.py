@@ -26,3 +26,7 @@ def test_every_stage_path_moves_under_the_workdir(tmp_path) -> None:
     assert cfg.serve.serve.models[0].path == f"{root}/export/sft"
     assert cfg.eval.eval.tasks and all(t.startswith(root) for t in cfg.eval.eval.tasks)
     assert cfg.pretrain.train.storage_path == cfg.sft.train.storage_path == f"{root}/train"
+    assert cfg.dpo.model.init_from == f"{root}/export/sft"  # DPO starts from the SFT export
+    assert cfg.dpo.train.storage_path == f"{root}/train"
+    assert cfg.dpo.data.inputs == [f"{root}/corpus/preference/train"]
+    assert cfg.eval.eval.preference_data == [f"{root}/corpus/preference/heldout/style.jsonl"]

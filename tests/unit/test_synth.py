@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from data_pipelines.synth import HELDOUT_PER_TASK, TASKS, sft_train_count, write_corpus
+from data_pipelines.preference import split_preference
+from data_pipelines.synth import (
+    HELDOUT_PER_TASK,
+    PREFERENCE_HELDOUT,
+    PREFERENCE_STYLES,
+    TASKS,
+    preference_train_count,
+    sft_train_count,
+    write_corpus,
+)
 
 DOCS, SHARDS = 400, 3
 
@@ -153,6 +162,49 @@ def test_heldout_has_200_per_task_and_never_repeats_a_training_prompt(corpus: Pa
         assert len(prompts) == HELDOUT_PER_TASK >= 200
         assert len(set(prompts)) == len(prompts)
         assert not set(prompts) & train_prompts, task
+
+
+def _pairs(corpus: Path, split: str) -> list[dict]:
+    files = sorted((corpus / "preference" / split).glob("*.jsonl"))
+    return [r for p in files for r in _read_jsonl(p)]
+
+
+def _base(prompt: str) -> str:
+    """A preference prompt without its style request: an SFT-style prompt."""
+    for ask in PREFERENCE_STYLES.values():
+        if ask and prompt.endswith("\n" + ask):
+            return prompt.removesuffix("\n" + ask)
+    return prompt
+
+
+def test_preference_pairs_are_disjoint_from_each_other_and_from_sft(corpus: Path) -> None:
+    train, heldout = _pairs(corpus, "train"), _pairs(corpus, "heldout")
+    assert len(train) == preference_train_count(DOCS) and len(heldout) == PREFERENCE_HELDOUT
+    train_bases = {_base(r["prompt"]) for r in train}
+    held_bases = {_base(r["prompt"]) for r in heldout}
+    assert len(train_bases) == len(train) and len(held_bases) == len(heldout)  # no repeats
+    assert not train_bases & held_bases
+    sft = {_prompt(r) for r in _train(corpus)} | {
+        _prompt(r) for task in TASKS for r in _heldout(corpus, task)}  # fmt: skip
+    assert not (train_bases | held_bases) & sft  # never a review, fact set or sentence of SFT
+
+
+def test_preference_pairs_prefer_the_requested_style(corpus: Path) -> None:
+    pairs = _pairs(corpus, "train") + _pairs(corpus, "heldout")
+    styles = Counter((r["task"], r["style"]) for r in _pairs(corpus, "heldout"))
+    n = PREFERENCE_HELDOUT // 3
+    assert styles == {(t, s): n // (2 if s == "sentence" else 4) for t in TASKS
+                      for s in PREFERENCE_STYLES}  # fmt: skip
+    for r in pairs:
+        pair = split_preference(r)  # what `data prepare` reads, so it never rejects one
+        bare = pair.rejected if r["style"] == "sentence" else pair.chosen
+        sentence = pair.chosen if r["style"] == "sentence" else pair.rejected
+        assert sentence == f"This is {bare}."
+        assert r["prompt"].endswith(PREFERENCE_STYLES[r["style"]])
+    labels = Counter(
+        r["chosen"] for r in pairs if r["task"] == "sentiment" and r["style"] == "plain"
+    )
+    assert labels["positive"] == labels["negative"] > 0
 
 
 def _zorbish_pairs(corpus: Path) -> list[tuple[str, str]]:

@@ -141,7 +141,11 @@ def test_datasets_from_different_tokenizers_are_refused(tmp_path) -> None:
         plan_job(cfg)
 
 
-@pytest.mark.parametrize(("task", "mode"), [("pretrain", "sft"), ("sft", "preference")])
+@pytest.mark.parametrize(
+    ("task", "mode"),
+    [("pretrain", "sft"), ("sft", "preference"), ("pretrain", "preference"), ("dpo", "sft"),
+     ("dpo", "pretrain")],
+)  # fmt: skip
 def test_a_dataset_whose_mode_does_not_fit_the_task_is_refused(tmp_path, task, mode) -> None:
     import json
 

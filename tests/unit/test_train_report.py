@@ -57,6 +57,21 @@ def test_report_without_eval_rows_skips_eval_plot(tmp_path) -> None:
     assert "eval loss" not in result.summary
 
 
+def test_dpo_run_gets_reward_plots_and_a_preference_line(tmp_path) -> None:
+    rows = [{"step": s, "loss": 0.69 - 0.1 * s, "lr": 1e-3, "tokens_per_s": 9.0,
+             "rewards_chosen": 0.1 * s, "rewards_rejected": -0.1 * s, "reward_margin": 0.2 * s,
+             "reward_accuracy": 0.5 + 0.1 * s} for s in range(1, 4)]  # fmt: skip
+    rows[-1] |= {"eval_loss": 0.4, "perplexity": 3.0, "eval_reward_accuracy": 0.875,
+                 "eval_reward_margin": 0.55}  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = report(tmp_path)
+    names = sorted(p.name for p in result.plots)
+    assert names == ["eval.png", "loss.png", "lr.png", "reward_accuracy.png", "rewards.png",
+                     "tokens_per_s.png"]  # fmt: skip
+    assert "held-out reward accuracy last 87.5%  margin last 0.55" in result.summary
+    assert len(result.summary.splitlines()) <= 12
+
+
 def test_report_errors_name_file_and_line(tmp_path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path)
