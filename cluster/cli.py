@@ -206,11 +206,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from cluster.evaluate import run_eval
     from training.evaluate import EvalError, eval_output, format_table
 
+    out = eval_output(cfg.eval, cfg.name)
     try:
-        report = run_eval(cfg.eval, cfg.name, progress=sys.stderr.isatty())
+        if cfg.eval.distributed:  # actors on the cluster; Ray's own output to out/raylm.log
+            from cluster.ray_env import ray_session
+
+            with ray_session(cfg.ray, out, args.verbose):
+                report = run_eval(cfg.eval, cfg.name, progress=sys.stderr.isatty())
+        else:
+            report = run_eval(cfg.eval, cfg.name, progress=sys.stderr.isatty())
     except EvalError as exc:  # every input check runs before a model loads
         raise ConfigError(str(exc)) from None
-    out = eval_output(cfg.eval, cfg.name)
     write_resolved(cfg, out)
     print(format_table(report))
     print(f"raylm eval: wrote {out / 'eval.json'}")

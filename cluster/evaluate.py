@@ -7,6 +7,10 @@ callable so it never imports ``serving``. Here that callable is built from the b
 generation prompt, decoding is greedy and stops at the eos ids of the model's generation_config
 or an end-of-turn token, exactly as a chat request to ``raylm serve`` would.
 
+With ``eval.distributed`` the work spreads over the Ray cluster: perplexity through a Ray Data
+actor pool over each dataset's validation rows (the same per-batch loss as in process, summed),
+and generation through ``raylm generate``'s job (engine actors, input order kept, greedy).
+
 ``eval.harness_tasks`` run through lm-eval (an optional extra, imported only when asked for): its
 ``hf`` model on ``eval.model`` in this process, or its ``local-completions`` model against a running
 endpoint (``eval.harness_endpoint``), which scores through ``/v1/completions`` with ``echo``.
@@ -41,6 +45,8 @@ __all__ = [
     "engine_generate",
     "engine_session",
     "plan_harness",
+    "ray_generate_session",
+    "ray_perplexity",
     "require_lm_eval",
     "run_eval",
     "run_harness",
@@ -260,6 +266,125 @@ def run_harness(hp: HarnessPlan) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- eval.distributed
+
+
+class PerplexityActor:
+    """Ray Data actor: one model copy; each call returns its rows' loss sum and loss tokens."""
+
+    def __init__(
+        self, model_dir: str, dtype: str, device: str, pad_id: int, vocab: int, where: str
+    ):
+        from training.evaluate import load_eval_model
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.model = load_eval_model(model_dir, dtype, device)
+        self.pad_id, self.vocab, self.device, self.where = pad_id, vocab, device, where
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from training.evaluate import batch_loss
+
+        rows = {
+            c: np.stack(batch[c]) for c in ("input_ids", "position_ids", "labels") if c in batch
+        }
+        total, count = batch_loss(
+            self.model, rows, self.pad_id, self.vocab, self.device, self.where
+        )
+        n = len(rows["input_ids"])
+        return {"loss_sum": np.array([total]), "tokens": np.array([count]), "rows": np.array([n])}
+
+
+def _pool_args(cfg: EvalConfig) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
+    return {
+        "compute": ActorPoolStrategy(size=cfg.actors),
+        "num_cpus": cfg.actor_cpus,
+        "max_restarts": 0,
+    }  # fmt: skip (ray#53727: restarts print a console warning per actor)
+
+
+def ray_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
+    """eval.json's perplexity entries, each dataset's validation rows scored by ``eval.actors``
+    model actors (``eval.perplexity_rows`` first rows in file order; sums do not depend on how
+    the rows are split)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    kept, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:  # in file order, so eval.perplexity_rows takes the rows the in-process path takes
+        return [_dataset_perplexity_on_ray(plan, data) for data in plan.datasets]
+    finally:
+        ctx.execution_options.preserve_order = kept
+
+
+def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
+    """One dataset's perplexity entry: loss sums per batch from the actor pool, added up."""
+    import warnings
+
+    import ray
+
+    from training.evaluate import perplexity_row
+
+    t0 = time.perf_counter()
+    info = data.info
+    cols = ["input_ids", "position_ids"] + (["labels"] if info.has_labels else [])
+    ds = ray.data.read_parquet(info.files["validation"]).select_columns(cols)
+    if plan.cfg.perplexity_rows:
+        ds = ds.limit(plan.cfg.perplexity_rows)
+    # blocks of one batch each, so every actor gets work whatever the file count
+    ds = ds.repartition(target_num_rows_per_block=plan.cfg.batch_size)
+    pad = info.pad_token_id if info.pad_token_id is not None else -1
+    ctor = {"model_dir": str(plan.model_dir), "dtype": plan.dtype, "device": plan.device,
+            "pad_id": pad, "vocab": plan.vocab_size, "where": f"{data.key}: {data.path}"}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        sums = ds.map_batches(PerplexityActor, fn_constructor_kwargs=ctor,
+                              batch_size=plan.cfg.batch_size, **_pool_args(plan.cfg))  # fmt: skip
+    parts = sums.take_all()
+    total = float(sum(p["loss_sum"] for p in parts))
+    count, rows = int(sum(p["tokens"] for p in parts)), int(sum(p["rows"] for p in parts))
+    return perplexity_row(data, total, count, rows, time.perf_counter() - t0)
+
+
+@contextmanager
+def ray_generate_session(plan: EvalPlan, progress: bool = False) -> Iterator[Generate]:
+    """A :data:`training.evaluate.Generate` that runs each call as a ``raylm generate`` job on the
+    connected Ray: the conversations as chat rows, greedy, in input order; a row the job reports
+    as an error (a prompt longer than the context) fails the eval naming its index."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from serving.batch_job import generate
+    from serving.config import GenerateConfig, GenerateSampling
+
+    with tempfile.TemporaryDirectory(prefix="raylm_eval_") as tmp:
+        calls = iter(range(1 << 30))
+
+        def run(conversations: list[Messages], max_new_tokens: int) -> list[str]:
+            k = next(calls)
+            prompts = Path(tmp) / f"call{k}.jsonl"
+            prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+            cfg = GenerateConfig(
+                inputs=[str(prompts)], output=str(Path(tmp) / f"out{k}"), model=str(plan.model_dir),
+                sampling=GenerateSampling(max_tokens=max_new_tokens, temperature=0.0),
+                num_actors=plan.cfg.actors, actor_cpus=plan.cfg.actor_cpus,
+                batch_size=plan.cfg.batch_size, row_sampling=False,
+            )  # fmt: skip
+            result = generate(cfg, progress=progress)
+            files = sorted((result.output / "results").glob("*.parquet"))
+            table = pq.read_table(files, columns=["generated_text", "error"]).to_pylist()
+            for i, row in enumerate(table):
+                if row["error"]:
+                    raise PromptError(i, row["error"])
+            return [row["generated_text"] for row in table]
+
+        yield run
+
+
 def run_eval(cfg: EvalConfig, name: str, progress: bool = False) -> dict[str, Any]:
     """Check, run and write one evaluation; returns eval.json's content.
 
@@ -272,4 +397,7 @@ def run_eval(cfg: EvalConfig, name: str, progress: bool = False) -> dict[str, An
     plan = plan_eval(cfg, name)
     hp = plan_harness(plan)
     harness = (lambda: run_harness(hp)) if hp is not None else None
+    if cfg.distributed:
+        return evaluate(plan, lambda: ray_generate_session(plan, progress), harness,
+                        perplexity_fn=ray_perplexity)  # fmt: skip
     return evaluate(plan, lambda: engine_session(plan, progress), harness)

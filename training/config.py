@@ -448,6 +448,19 @@ class EvalConfig(_Section):
     output: str = Field(
         "", description="Directory for eval.json and the resolved config; empty: runs/eval/<name>."
     )
+    distributed: bool = Field(
+        False,
+        description="Spread the work over the Ray cluster: perplexity through a Ray Data actor "
+        "pool over the validation rows, generation-scored tasks through `raylm generate`'s engine "
+        "actors (eval.actors of each). false: one process.",
+    )
+    actors: int = Field(2, ge=1, description="Model actors of each distributed eval job.")
+    actor_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="Logical CPUs per distributed eval actor; keep actors x actor_cpus below the "
+        "CPUs Ray has, or read tasks starve.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto: float32 on CPU, bfloat16 on CUDA."

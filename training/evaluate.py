@@ -46,12 +46,15 @@ __all__ = [
     "PerplexityData",
     "PromptError",
     "TaskRecord",
+    "batch_loss",
     "compare_table",
     "eval_output",
     "evaluate",
     "flat_metrics",
     "format_table",
+    "load_eval_model",
     "load_report",
+    "perplexity_row",
     "plan_eval",
     "read_preference_file",
     "read_task_file",
@@ -72,6 +75,8 @@ GenerateSession = Callable[[], AbstractContextManager[Generate]]
 # Runs the lm-evaluation-harness tasks; returns eval.json's "harness" entry, whose "tasks" are
 # {"task", "n", "metrics": {name: value}} (lm-eval's own scale, not points).
 Harness = Callable[[], dict[str, Any]]
+# EvalPlan -> eval.json's perplexity entries, one per eval.perplexity_data dataset.
+Perplexity = Callable[["EvalPlan"], list[dict[str, Any]]]
 
 
 class EvalError(ValueError):
@@ -354,18 +359,24 @@ def _read_tasks(paths: list[str], limit: int) -> dict[str, list[TaskRecord]]:
 
 
 def _load_model(plan: EvalPlan) -> Any:
+    return load_eval_model(plan.model_dir, plan.dtype, plan.device)
+
+
+def load_eval_model(model_dir: str | Path, dtype: str, device: str) -> Any:
+    """An exported model (safetensors), in eval mode on ``device``: sdpa where the family has it.
+    Packed rows need no mask (``forward_packed`` separates documents by position_ids)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(use_safetensors=True, dtype=getattr(torch, plan.dtype))
-    try:  # sdpa and eager both take the 4D per-document mask (flash-attention does not)
+    kwargs = dict(use_safetensors=True, dtype=getattr(torch, dtype))
+    try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(plan.model_dir), attn_implementation="sdpa", **kwargs
+            str(model_dir), attn_implementation="sdpa", **kwargs
         )
-    except ValueError:  # the architecture has no sdpa kernel
+    except ValueError:  # the architecture has no sdpa kernel (Gemma 2: soft-capping)
         model = AutoModelForCausalLM.from_pretrained(
-            str(plan.model_dir), attn_implementation="eager", **kwargs
+            str(model_dir), attn_implementation="eager", **kwargs
         )
-    return model.to(plan.device).eval()
+    return model.to(device).eval()
 
 
 def _fixed_lists(column: Any, seq_len: int) -> np.ndarray:
@@ -401,16 +412,31 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
     pad_id = info.pad_token_id if info.pad_token_id is not None else -1
     total, count, rows = 0.0, 0, 0
     for batch in _validation_batches(info, plan.cfg.batch_size, plan.cfg.perplexity_rows):
-        t = {k: torch.from_numpy(v).to(plan.device) for k, v in batch.items()}
-        top = int(t["input_ids"].max())
-        if top >= plan.vocab_size:
-            raise EvalError(f"{data.key}: {data.path}: token id {top} is outside the model's "
-                            f"vocab_size {plan.vocab_size} (eval.model)")  # fmt: skip
-        targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t.get("labels"))
-        s, c = token_loss(forward_packed(model, t["input_ids"], t["position_ids"]), targets)
-        total += float(s)  # host sync per batch: fine for eval, keeps the sum in float64
-        count += int(c)
-        rows += len(batch["input_ids"])
+        s, c = batch_loss(model, batch, pad_id, plan.vocab_size, plan.device,
+                          f"{data.key}: {data.path}")  # fmt: skip
+        total, count, rows = total + s, count + c, rows + len(batch["input_ids"])
+    return perplexity_row(data, total, count, rows, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def batch_loss(
+    model: Any, batch: dict[str, np.ndarray], pad_id: int, vocab: int, device: str, where: str
+) -> tuple[float, int]:
+    """(summed next-token loss, loss tokens) of one batch of prepared rows ((batch, seq) arrays)."""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)).to(device) for k, v in batch.items()}
+    top = int(t["input_ids"].max())
+    if top >= vocab:
+        raise EvalError(f"{where}: token id {top} is outside the model's vocab_size {vocab} "
+                        "(eval.model)")  # fmt: skip
+    targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t.get("labels"))
+    s, c = token_loss(forward_packed(model, t["input_ids"], t["position_ids"]), targets)
+    return float(s), int(c)  # host sync per batch: fine for eval, keeps the sum in float64
+
+
+def perplexity_row(
+    data: PerplexityData, total: float, count: int, rows: int, seconds: float
+) -> dict[str, Any]:
+    """eval.json's perplexity entry of one dataset from its loss sum and loss-token count."""
     if count == 0:
         raise EvalError(f"{data.key}: {data.path}: no loss-bearing tokens in the validation split")
     loss = total / count
@@ -421,7 +447,7 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
         "tokens": count,
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
 
 
@@ -435,17 +461,22 @@ def run_preference(plan: EvalPlan) -> list[dict[str, Any]]:
     return _forward_scores(plan)[1]
 
 
-def _forward_scores(plan: EvalPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _forward_scores(
+    plan: EvalPlan, perplexity: Perplexity | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(perplexity per dataset, preference scores per file) with one model load, freed before
-    generation starts."""
-    if not plan.datasets and not plan.preference:
-        return [], []
+    generation starts. ``perplexity``: computes the datasets' perplexity elsewhere (a Ray Data
+    job) instead of with this process's model."""
+    done = perplexity(plan) if perplexity is not None and plan.datasets else None
+    if (done is not None or not plan.datasets) and not plan.preference:
+        return done or [], []
     model = _load_model(plan)
     try:
         tok = _load_tokenizer(plan.model_dir, "eval.model")
-        return ([_dataset_perplexity(model, d, plan) for d in plan.datasets],
-                [_pair_logps(model, tok, path, recs, plan)
-                 for path, recs in plan.preference.items()])  # fmt: skip
+        if done is None:
+            done = [_dataset_perplexity(model, d, plan) for d in plan.datasets]
+        return done, [_pair_logps(model, tok, path, recs, plan)
+                      for path, recs in plan.preference.items()]  # fmt: skip
     finally:
         del model
         if plan.device == "cuda":
@@ -581,12 +612,15 @@ def run_tasks(plan: EvalPlan, generate: Generate) -> list[dict[str, Any]]:
 
 
 def evaluate(
-    plan: EvalPlan, session: GenerateSession | None = None, harness: Harness | None = None
+    plan: EvalPlan,
+    session: GenerateSession | None = None,
+    harness: Harness | None = None,
+    perplexity_fn: Perplexity | None = None,
 ) -> dict[str, Any]:
-    """Run perplexity, the tasks through ``session()``, then ``harness()``; write and return
-    eval.json's content."""
+    """Run perplexity (``perplexity_fn`` when given, else in this process), the tasks through
+    ``session()``, then ``harness()``; write and return eval.json's content."""
     t0 = time.perf_counter()
-    perplexity, preference = _forward_scores(plan)
+    perplexity, preference = _forward_scores(plan, perplexity_fn)
     t1 = time.perf_counter()
     tasks: list[dict[str, Any]] = []
     load_s = 0.0

@@ -140,6 +140,24 @@ def test_engine_generations_equal_transformers_greedy_generate(report, tiny_mode
     assert len(predictions) > 3, "degenerate tiny model: the comparison would prove nothing"
 
 
+def test_distributed_eval_equals_the_in_process_report(
+    report, ray_local, tiny_model_dir, tiny_sft_data, heldout, tmp_path
+) -> None:
+    """eval.distributed: perplexity from 2 actors over the validation rows and generations from
+    `raylm generate`'s job give the in-process report's numbers and texts."""
+    cfg = EvalConfig(model=str(tiny_model_dir), perplexity_data=[str(tiny_sft_data)],
+                     tasks=heldout, limit_per_task=LIMIT, max_new_tokens=MAX_NEW, batch_size=4,
+                     samples=LIMIT, output=str(tmp_path / "dist"), device="cpu",
+                     distributed=True, actors=2)  # fmt: skip
+    dist = run_eval(cfg, "tiny-dist")
+    (a,), (b,) = report["perplexity"], dist["perplexity"]
+    assert (a["rows"], a["tokens"]) == (b["rows"], b["tokens"])
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    for x, y in zip(report["tasks"], dist["tasks"], strict=True):
+        assert x["task"] == y["task"] and x["metrics"] == y["metrics"]
+        assert [s["prediction"] for s in x["samples"]] == [s["prediction"] for s in y["samples"]]
+
+
 def test_data_from_a_larger_tokenizer_is_refused_naming_the_dataset(
     tiny_model_dir, prepared_pretrain
 ):
