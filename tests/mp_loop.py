@@ -2,16 +2,15 @@
 
 For the numerics tests (ZeRO stage equivalence, SFT loss splits): the loop takes its rank, world
 size and reporting as arguments (``training.loop.WorkerIO``), so the same ``run_worker`` that Ray
-Train runs also runs here, at a fraction of a Ray Train run's start-up. Checkpoints are stored as
-Ray Train stores them: every rank's files merged into ``run_dir/<checkpoint name>``, so ``raylm
-export`` reads them. What only Ray does (restarts, SIGTERM, S3, placement) stays tested through
-``raylm train``.
+Train runs also runs here, at a fraction of a Ray Train run's start-up. Checkpoints are written as
+``raylm train`` writes them on a local storage path: every rank's files in place in
+``run_dir/<checkpoint name>``, so ``raylm export`` reads them. What only Ray does (restarts,
+SIGTERM, S3, placement) stays tested through ``raylm train``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ def _free_port() -> int:
 
 
 class _StoreCheckpoints:
-    """The loop's reporter: metrics are already in metrics.jsonl; checkpoints are copied into the
-    run dir under the name the loop gives (rank-specific file names, as under Ray Train)."""
+    """The loop's reporter: metrics are already in metrics.jsonl and checkpoints were written in
+    place; it only checks that they were."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = Path(run_dir)
@@ -37,9 +36,8 @@ class _StoreCheckpoints:
     def __call__(
         self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int, dir_name=None
     ) -> None:
-        if checkpoint_dir is not None:
-            dest = self.run_dir / (dir_name or f"checkpoint_{step:08d}")
-            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        if checkpoint_dir is not None and checkpoint_dir != self.run_dir / str(dir_name):
+            raise AssertionError(f"checkpoint {checkpoint_dir} not written in place as {dir_name}")
 
 
 def _worker(
@@ -56,7 +54,8 @@ def _worker(
     hooks = hooks or WorkerHooks()
     for job in jobs:  # one after another in the same processes and process group
         io = WorkerIO(rank=rank, world_size=world, report=_StoreCheckpoints(job.run_dir),
-                      after_step=hooks.after_step, before_update=hooks.before_update)  # fmt: skip
+                      after_step=hooks.after_step, before_update=hooks.before_update,
+                      checkpoint_root=Path(job.run_dir))  # fmt: skip
         run_worker(job, io)
 
 

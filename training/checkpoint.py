@@ -7,7 +7,8 @@ A checkpoint dir (after Ray merges the per-rank dirs) holds:
   keys a resume must match and provenance (seed, dataset manifest hashes, git commit);
 - ``hf_config.json`` (rank 0): the model's transformers config, for export;
 - ``rng/rank_R.pt`` (every rank): that rank's torch / numpy / python RNG states;
-- ``integrity/rank_R.json`` (every rank, written last): sha256 and size of every file that rank wrote.
+- ``integrity/rank_R.json`` (every rank, written last): sha256 and size of every file that rank wrote
+  (a checkpoint written in place: rank R's share of all its files, hashed after every rank wrote).
 
 Each rank saves into its own fresh local dir, so "every file in my dir" is exactly what it wrote;
 verification needs all ``world_size`` integrity files and every listed hash to match, so a truncated
@@ -139,9 +140,16 @@ def load_rng(ckpt_dir: Path, rank: int) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def write_integrity(ckpt_dir: Path, rank: int) -> Path:
-    """Hash every file under this rank's dir; call it after everything else is written."""
+def write_integrity(ckpt_dir: Path, rank: int, share: tuple[int, int] | None = None) -> Path:
+    """Hash every file under this rank's dir; call it after everything else is written.
+
+    ``share=(i, n)``: the dir is shared by n ranks that have all finished writing (a checkpoint
+    written in place); this rank hashes every n-th file from the i-th, so the n manifests together
+    cover every file once.
+    """
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.parent.name != "integrity")
+    if share is not None:
+        files = files[share[0] :: share[1]]
     entries = {str(p.relative_to(ckpt_dir)): [_sha256(p), p.stat().st_size] for p in files}
     out = ckpt_dir / "integrity"
     out.mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -351,18 +352,26 @@ def job_from_dict(raw: dict[str, Any]) -> WorkerJob:
 
 
 def _ray_report(
-    metrics: dict[str, Any], checkpoint_dir: Path | None, step: int, dir_name: str | None = None
+    metrics: dict[str, Any],
+    checkpoint_dir: Path | None,
+    step: int,
+    dir_name: str | None = None,
+    *,
+    in_place: bool = False,
 ) -> None:
+    """Ray Train's report. A checkpoint is copied from the rank's local dir into storage, or, when
+    the ranks wrote it into the run dir (``in_place``), registered where it is (``NO_UPLOAD``)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     # collective: Ray Train's report is a barrier; every rank calls it on the same steps.
     if checkpoint_dir is None:
         ray.train.report(metrics)
         return
+    where = ({"checkpoint_upload_mode": CheckpointUploadMode.NO_UPLOAD} if in_place
+             else {"checkpoint_dir_name": dir_name or f"checkpoint_{step:08d}"})  # fmt: skip
     ray.train.report(
-        metrics,
-        checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-        checkpoint_dir_name=dir_name or f"checkpoint_{step:08d}",
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), **where
     )
 
 
@@ -404,8 +413,11 @@ def _train_fn(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     fs = config.get("run_fs")
-    if fs is None:
-        run_worker(job, _worker_io(config, rank, _ray_report, lambda: _resume_candidates(job)))
+    if fs is None:  # a filesystem every worker sees (one node, or a shared mount): in place
+        report = functools.partial(_ray_report, in_place=True)
+        io = _worker_io(config, rank, report, lambda: _resume_candidates(job))
+        io.checkpoint_root = Path(job.run_dir)
+        run_worker(job, io)
         return
     # S3: the loop's run dir is this worker's local mirror of the run dir.
     remote = job.run_dir

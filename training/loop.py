@@ -137,6 +137,10 @@ class WorkerIO:
     # WorkerHooks.after_step and .before_update (see there); None unless a caller hands them in.
     after_step: Callable[[int, int], None] | None = None
     before_update: Callable[[torch.nn.Module, int, int], None] | None = None
+    # Write checkpoints in place as <checkpoint_root>/<checkpoint name> (the run dir on a filesystem
+    # every rank sees; the reporter then registers the dir without copying it). None: each rank
+    # writes to a local temporary dir and the reporter copies it into storage.
+    checkpoint_root: Path | None = None
 
 
 @dataclass
@@ -616,23 +620,45 @@ def _evaluate_dpo(ctx: _Ctx) -> dict[str, float]:
 
 
 def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
-    """collective: every rank writes its shards to a fresh local dir and reports it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{ctx.io.rank}_"))
-    try:
-        lora = ctx.job.train.lora.enabled
-        ctx.engine.save_checkpoint(str(tmp), tag=f"global_step{ctx.state.step}",
-                                   exclude_frozen_parameters=lora)  # fmt: skip
-        save_rng(tmp, ctx.io.rank)
-        if ctx.io.rank == 0:
-            write_state(tmp, ctx.state)
-            if lora:  # export rebuilds base + adapter from this and model.init_from
-                ctx.engine.module.peft_config["default"].save_pretrained(str(tmp))
-            # The model's transformers config: export rebuilds the architecture from it.
-            ctx.engine.module.config.to_json_file(str(tmp / HF_CONFIG_NAME))
-        write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
-        ctx.io.report(metrics, tmp, ctx.state.step, checkpoint_name(ctx.state))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """collective: every rank writes its shards and reports the dir.
+
+    With ``io.checkpoint_root`` (the run dir on a filesystem every node sees) the shards go straight
+    into the run dir, hashed once every rank has written; otherwise to a fresh local dir that the
+    reporter copies into storage.
+    """
+    name, rank = checkpoint_name(ctx.state), ctx.io.rank
+    if ctx.io.checkpoint_root is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{rank}_"))
+        try:
+            _write_checkpoint(ctx, tmp)
+            write_integrity(tmp, rank)  # last: covers everything this rank wrote
+            ctx.io.report(metrics, tmp, ctx.state.step, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    dest = Path(ctx.io.checkpoint_root) / name
+    if rank == 0 and dest.exists():  # left by a run stopped while writing it
+        shutil.rmtree(dest)
+    dist.barrier()  # collective
+    _write_checkpoint(ctx, dest)
+    dist.barrier()  # collective: every rank's files are complete before any is hashed
+    write_integrity(dest, rank, share=(rank, ctx.io.world_size))
+    ctx.io.report(metrics, dest, ctx.state.step, name)
+
+
+def _write_checkpoint(ctx: _Ctx, out: Path) -> None:
+    """This rank's part of a checkpoint: DeepSpeed's shards and RNG state; rank 0 adds the train
+    state, the transformers config and (LoRA) the adapter config."""
+    lora = ctx.job.train.lora.enabled
+    ctx.engine.save_checkpoint(str(out), tag=f"global_step{ctx.state.step}",
+                               exclude_frozen_parameters=lora)  # fmt: skip
+    save_rng(out, ctx.io.rank)
+    if ctx.io.rank == 0:
+        write_state(out, ctx.state)
+        if lora:  # export rebuilds base + adapter from this and model.init_from
+            ctx.engine.module.peft_config["default"].save_pretrained(str(out))
+        # The model's transformers config: export rebuilds the architecture from it.
+        ctx.engine.module.config.to_json_file(str(out / HF_CONFIG_NAME))
 
 
 def _after_step(ctx: _Ctx, last: bool) -> None:

@@ -258,6 +258,8 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(
     assert (last["event"], last["step"]) == ("resume", 6)
     assert Path(last["checkpoint"]).name == "checkpoint_00000006"
     assert len(last["skipped"]) == 1 and "checkpoint_00000008" in last["skipped"][0]
+    # Step 8 trained again and written in place beside its broken twin, complete.
+    assert verify_checkpoint(run_dir(cfg) / "checkpoint_00000008_from00000006").step == STEPS
     assert victim.name in last["skipped"][0]
     got, ref = _metrics(run_dir(cfg)), _metrics(run_dir(z3))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-6)

@@ -190,3 +190,26 @@ def test_a_worker_pulls_back_only_the_files_it_writes() -> None:
     assert not _owned_by("row_ids/rank_1.jsonl", 0) and not _owned_by("row_ids/rank_10.jsonl", 1)
     assert _owned_by("metrics.jsonl", 0) and _owned_by("tokenizer/tokenizer.json", 0)
     assert not _owned_by("metrics.jsonl", 1)
+
+
+def test_in_place_manifests_share_the_files_and_catch_a_truncated_one(tmp_path) -> None:
+    """A checkpoint written in place: 3 ranks hash disjoint shares that together cover every file;
+    the dir verifies, and one truncated file fails it, named."""
+    from training.checkpoint import TrainState, verify_checkpoint, write_integrity, write_state
+    from training.errors import CheckpointError
+
+    write_state(tmp_path, TrainState(step=4, world_size=3))
+    for name in ("global_step4/zero_pp_rank_0_optim.pt", "global_step4/zero_pp_rank_1_optim.pt",
+                 "global_step4/zero_pp_rank_2_optim.pt", "rng/rank_0.pt", "config.json"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    shares = [json.loads(write_integrity(tmp_path, r, share=(r, 3)).read_text()) for r in range(3)]
+    keys = [set(s) for s in shares]
+    assert all(keys) and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert set().union(*keys) == {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                                  if p.is_file() and p.parent.name != "integrity"}  # fmt: skip
+    assert verify_checkpoint(tmp_path).step == 4
+    victim = tmp_path / "global_step4/zero_pp_rank_1_optim.pt"
+    victim.write_bytes(victim.read_bytes()[:5])
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_optim.pt"):
+        verify_checkpoint(tmp_path)
