@@ -51,7 +51,7 @@ from training.model import (
     resize_vocab,
 )
 from training.observe import close_trackers, log_row
-from training.preempt import stop_reason
+from training.preempt import stop_flags, stop_reason
 from training.records import (
     METRICS_NAME,
     append_event,
@@ -162,6 +162,7 @@ class _Ctx:
     # DPO: this rank's shares of (dpo loss, chosen reward, rejected reward, reward accuracy,
     # chosen NLL) summed over the steps since the last log; (5,) float64.
     dpo_acc: torch.Tensor | None = None
+    stop: str | None = None  # why the run must stop after this step (the step's flags), or None
 
 
 # ---------------------------------------------------------------- setup
@@ -424,19 +425,23 @@ def _finish_step(
     tokens: int,
     loss_tokens: torch.Tensor,
 ) -> None:
-    """After the update: grad norm, health check, accumulators and the train state."""
+    """After the update: grad norm, the train state, the caller's after_step hook, then the step's
+    one collective of flags (non-finite loss per rank, stop requests) and what follows from it."""
     if ctx.job.deepspeed.zero_stage > 0:
         norm = ctx.engine.get_global_grad_norm()  # computed inside ZeRO's step, same on every rank
         ctx.grad_norm = None if norm is None else float(norm)
-    _health_check(ctx, step_loss, skipped_before)
-    ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
-    ctx.steps_acc += 1  # steps since the last log
     ctx.state.step += 1
     if ctx.job.record_row_ids:
         append_row_ids(Path(ctx.job.run_dir), ctx.io.rank, ctx.state.step, micro_batches)
     ctx.state.tokens_seen += tokens
     ctx.state.loss_tokens_seen += int(loss_tokens)  # host sync; cheap next to a step
     ctx.state.epoch, ctx.state.step_in_epoch = divmod(ctx.state.step, ctx.data.steps_per_epoch)
+    if ctx.io.after_step is not None:
+        ctx.io.after_step(ctx.state.step, ctx.io.rank)
+    bad_ranks, ctx.stop = _step_flags(ctx, step_loss)
+    _health_check(ctx, bad_ranks, skipped_before)
+    ctx.loss_acc = step_loss if ctx.loss_acc is None else ctx.loss_acc + step_loss
+    ctx.steps_acc += 1  # steps since the last log
 
 
 # ---------------------------------------------------------------- DPO step
@@ -510,17 +515,24 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _health_check(ctx: _Ctx, step_loss: torch.Tensor, skipped_before: int) -> None:
-    """Stop or skip on a non-finite loss or gradient, naming the step and the rank(s)."""
-    # collective: every rank contributes its flag at its own index, (world,) float.
-    flags = torch.zeros(ctx.io.world_size, device=ctx.engine.device)
-    flags[ctx.io.rank] = float(not torch.isfinite(step_loss))
+def _step_flags(ctx: _Ctx, step_loss: torch.Tensor) -> tuple[list[int], str | None]:
+    """collective, once per step: (ranks whose step loss is not finite, why the run must stop now
+    or None), from one all_reduce of (world + 2,) flags, so every rank takes the same decisions."""
+    world = ctx.io.world_size
+    flags = torch.zeros(world + 2, device=ctx.engine.device)
+    flags[ctx.io.rank] = (~torch.isfinite(step_loss)).float()  # no host sync before the reduce
+    flags[world:] = torch.tensor(stop_flags(ctx.job.run_dir, ctx.io.rank))
     dist.all_reduce(flags)
+    values = flags.tolist()
+    return [r for r in range(world) if values[r]], stop_reason(values[world:])
+
+
+def _health_check(ctx: _Ctx, ranks: list[int], skipped_before: int) -> None:
+    """Stop or skip on a non-finite loss or gradient, naming the step and the rank(s)."""
     bad_grad = ctx.grad_norm is not None and not math.isfinite(ctx.grad_norm)
-    ranks = [int(r) for r in torch.nonzero(flags).flatten()]
     if not ranks and not bad_grad:
         return
-    step = ctx.state.step + 1
+    step = ctx.state.step
     what = f"loss on rank(s) {ranks}" if ranks else "gradient norm"
     if ctx.job.train.nonfinite == "stop":
         raise NonFiniteError(f"step {step}: non-finite {what} (train.nonfinite: stop)")
@@ -679,8 +691,9 @@ def _after_step(ctx: _Ctx, last: bool) -> None:
 
 
 def _preempted(ctx: _Ctx) -> bool:
-    """collective: SIGTERM on the driver or any worker -> checkpoint this step and stop (True)."""
-    reason = stop_reason(ctx.job.run_dir, ctx.io.rank, ctx.engine.device)
+    """SIGTERM on the driver or any worker (the step's flags) -> checkpoint this step and stop
+    (True). collective when it checkpoints; every rank has the same ``ctx.stop``."""
+    reason = ctx.stop
     if reason is None:
         return False
     if ctx.state.step % ctx.job.train.checkpoint_every:  # else _after_step just wrote it
@@ -700,9 +713,7 @@ def run_worker(job: WorkerJob, io: WorkerIO) -> TrainState:
     step = _dpo_step if job.train.task == "dpo" else _train_step
     try:
         for micro_batches in ctx.data.iter_steps(ctx.state.step, job.total_steps):
-            step(ctx, micro_batches)
-            if io.after_step is not None:
-                io.after_step(ctx.state.step, io.rank)
+            step(ctx, micro_batches)  # ends with io.after_step and the step's flags
             _after_step(ctx, last=ctx.state.step == job.total_steps)
             if ctx.state.step < job.total_steps and _preempted(ctx):
                 break

@@ -9,8 +9,9 @@ Two ways a stop request reaches the loop, both Ray-free so the single-process lo
   executes Python, which in a Ray worker can be seconds later, so the handler only arms the
   second-signal escalation; the loop learns of the signal from the byte the interpreter's C-level
   handler writes at once to a wakeup pipe (``signal.set_wakeup_fd``, as asyncio does).
-:func:`stop_reason` all-reduces those flags every step, so every rank takes the same decision
-(a rank that stopped alone would leave the others hanging in the next collective).
+The loop adds those flags (:func:`stop_flags`) up over the ranks in its one all_reduce per step, so
+every rank takes the same decision (a rank that stopped alone would leave the others hanging in the
+next collective).
 
 A second SIGTERM to the driver stops it at once through the handler it replaced.
 """
@@ -24,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "MARKER_NAME",
     "driver_sigterm",
     "install_worker_handler",
+    "stop_flags",
     "stop_reason",
 ]
 
@@ -135,17 +137,13 @@ def _uninstall_worker_handler(previous: Any) -> None:
     _worker_sigterm.clear()
 
 
-def stop_reason(run_dir: str, rank: int, device: Any) -> str | None:
-    """collective (all ranks, every step): why the run must stop now, or None.
+def stop_flags(run_dir: str, rank: int) -> tuple[float, float]:
+    """This rank's (driver marker seen, SIGTERM seen) flags; the loop adds them up over the ranks
+    in its one per-step all_reduce, and :func:`stop_reason` reads the sums."""
+    marker = rank == 0 and os.path.exists(os.path.join(run_dir, MARKER_NAME))
+    return float(marker), float(_sigterm_seen())
 
-    One (2,) all_reduce(MAX): [driver marker seen by rank 0, SIGTERM on any worker].
-    """
-    import torch
-    import torch.distributed as dist
 
-    flags = torch.zeros(2, device=device)
-    flags[0] = float(rank == 0 and os.path.exists(os.path.join(run_dir, MARKER_NAME)))
-    flags[1] = float(_sigterm_seen())
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    raised = [reason for reason, f in zip(_REASONS, flags.tolist(), strict=True) if f]
-    return " and ".join(raised) or None
+def stop_reason(summed: Sequence[float]) -> str | None:
+    """Why the run must stop now, from :func:`stop_flags` summed over the ranks; None: go on."""
+    return " and ".join(reason for reason, f in zip(_REASONS, summed, strict=True) if f) or None

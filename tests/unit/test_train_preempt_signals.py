@@ -96,3 +96,14 @@ def test_worker_sigterm_is_seen_before_python_runs_the_handler() -> None:
     finally:
         preempt._uninstall_worker_handler(previous)
     assert not preempt._sigterm_seen()
+
+
+def test_stop_reason_reads_the_flags_summed_over_ranks(tmp_path) -> None:
+    """The loop sums every rank's (marker, SIGTERM) flags in its one per-step all_reduce."""
+    assert preempt.stop_reason([0.0, 0.0]) is None
+    assert preempt.stop_reason([1.0, 0.0]) == "SIGTERM to the driver"
+    assert preempt.stop_reason([0.0, 3.0]) == "SIGTERM to a worker"  # 3 ranks saw it
+    assert preempt.stop_reason([1.0, 1.0]) == "SIGTERM to the driver and SIGTERM to a worker"
+    (tmp_path / preempt.MARKER_NAME).write_text("stop\n")
+    assert preempt.stop_flags(str(tmp_path), rank=0)[0] == 1.0
+    assert preempt.stop_flags(str(tmp_path), rank=1)[0] == 0.0  # only rank 0 reads the marker

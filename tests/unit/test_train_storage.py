@@ -160,7 +160,7 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeyp
 
 def test_driver_stop_marker_reaches_rank_0_through_the_bucket(tmp_path, monkeypatch) -> None:
     """driver_sigterm's marker in the driver's mirror -> the bucket -> rank 0's mirror, where
-    training.preempt.stop_reason looks; a marker left by a killed driver is cleared first."""
+    training.preempt.stop_flags looks; a marker left by a killed driver is cleared first."""
     from training import storage
     from training.preempt import MARKER_NAME
 
