@@ -4,7 +4,7 @@
 #
 # Default (~6 MB): DeepSpeed built as a wheel (pure Python: its ops are JIT-built, none is needed
 # with torch AdamW) plus its requirements a torch image may lack (hjson, pydantic and its parts,
-# py-cpuinfo, msgpack, ninja, einops). --full adds what raylm's loop imports besides torch,
+# py-cpuinfo, msgpack, ninja, einops) and pytest for tests/gpu. --full adds what raylm's loop imports besides torch,
 # except pyarrow (transformers, tokenizers, safetensors, huggingface-hub, ...): ~32 MB in all.
 # pyarrow (the parquet reader) is 55 MB on its own: with it the set is ~82 MB, over the 64 MiB a
 # GPU machine here can receive, so an image without pyarrow cannot run this benchmark as is. The
@@ -22,7 +22,8 @@ version() { "$PIP" show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
 pins() { for name in "$@"; do v=$(version "$name"); echo "$name${v:+==$v}"; done; }
 
 "$PIP" wheel -q --no-deps -w "$OUT" "deepspeed==$(version deepspeed)"
-small=(hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack ninja einops)
+small=(hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo msgpack ninja einops
+       pytest pluggy iniconfig)
 full=(transformers tokenizers safetensors huggingface-hub hf-xet regex pyyaml filelock typer-slim)
 names=("${small[@]}")
 [[ "${1:-}" == "--full" ]] && names+=("${full[@]}")

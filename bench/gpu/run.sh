@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# One-GPU training benchmark (raylm's per-worker loop, no Ray): bash bench/gpu/run.sh [--cpu-smoke]
+# One-GPU training benchmark (raylm's per-worker loop, no Ray): bash bench/gpu/run.sh [--tests] [--cpu-smoke]
+#
+# --tests first runs tests/gpu (packed attention with the CUDA kernels, the chunked loss's peak
+# memory) with pytest, then the benchmark whatever their result.
 #
 # For a machine whose Python has torch but no network: installs the wheels in bench/gpu/wheels/
 # (fetched beforehand by bench/gpu/build_wheels.sh) that this Python lacks, into a private dir on
@@ -24,4 +27,8 @@ if ((${#missing[@]})); then
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [[ "${1:-}" == "--tests" ]]; then
+  shift
+  "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -o timeout=0 tests/gpu || echo "tests/gpu: FAILED (above)"
+fi
 exec "$PY" bench/gpu/train_gpu.py "$@"
