@@ -16,8 +16,10 @@ Layout under ``out``::
     synth.json                         arguments and counts (relative paths, so it is reproducible too)
 
 The pretraining text uses the same vocabulary and phrasings as the SFT tasks (reviews end with
-"Overall, a positive review.", facts read like the QA facts, Zorbish sentences come with their
-translations), so what pretraining learns carries over to fine-tuning.
+"Overall, a positive review.", facts come in blocks shaped like the QA prompts with questions
+answered from them, Zorbish sentences come with their translations), so what pretraining learns
+carries over to fine-tuning. Facts and Zorbish documents make 70% of the mix: copying an answer
+from the context and the 81-word lexicon are what a small model needs the most text for.
 
 Preference pairs teach a style the SFT data never asks for: half the prompts of the three tasks end
 with "Answer in a full sentence.", where the chosen answer is "This is positive." and the rejected
@@ -61,8 +63,9 @@ TASKS = ("sentiment", "qa", "rewrite")
 SENTIMENT_LABELS = ("positive", "negative")
 HELDOUT_PER_TASK = 200  # even, so held-out sentiment labels are exactly balanced
 _T = TypeVar("_T")
-# bump when the generated text changes, so cached corpora are not mistaken (2: preference pairs)
-FORMAT_VERSION = 2
+# bump when the generated text changes, so cached corpora are not mistaken (2: preference pairs;
+# 3: fact blocks shaped like QA prompts, and a mix weighted to the facts and Zorbish documents)
+FORMAT_VERSION = 3
 PREFERENCE_TASKS = TASKS
 # style -> the instruction that ends the prompt (plain: none; the bare answer is chosen)
 PREFERENCE_STYLES = {
@@ -419,13 +422,17 @@ def _review_doc(rng: random.Random) -> str:
 
 
 def _facts_doc(rng: random.Random) -> str:
-    """A block of facts, phrased like the QA task, followed by questions answered from it."""
-    facts = _facts(rng, _between(rng, 2, 4), _between(rng, 8, 12))
-    lines = [" ".join(_fact_sentence(p, attr) for p, attr in facts)]
-    for person, attr in _pick_k(rng, facts, _between(rng, 3, 5)):
-        question, answer = _question(person, attr)
-        lines.append(f"Question: {question} Answer: {answer}.")
-    return "\n".join(lines)
+    """2-4 blocks of facts shaped like the QA task's prompts (1-3 people, 3-6 facts), each followed
+    by 2-3 questions answered from it: the copying the task asks for, many times per document."""
+    blocks = []
+    for _ in range(_between(rng, 2, 4)):
+        facts = _facts(rng, _between(rng, 1, 3), _between(rng, 3, 6))
+        lines = ["Facts: " + " ".join(_fact_sentence(p, attr) for p, attr in facts)]
+        for person, attr in _pick_k(rng, facts, _between(rng, 2, 3)):
+            question, answer = _question(person, attr)
+            lines.append(f"Question: {question} Answer: {answer}.")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _zorbish_doc(rng: random.Random) -> str:
@@ -442,10 +449,10 @@ def _zorbish_doc(rng: random.Random) -> str:
 
 
 _DOC_KINDS: tuple[tuple[str, Callable[[random.Random], str], float], ...] = (
-    ("story", _story_doc, 0.4),
-    ("review", _review_doc, 0.2),
-    ("facts", _facts_doc, 0.2),
-    ("zorbish", _zorbish_doc, 0.2),
+    ("story", _story_doc, 0.15),
+    ("review", _review_doc, 0.15),
+    ("facts", _facts_doc, 0.35),
+    ("zorbish", _zorbish_doc, 0.35),
 )
 
 

@@ -1,7 +1,7 @@
 """The main job end to end: `raylm quickstart` with smaller sizes on the session's Ray instance.
 
-One module-scoped run of the shipped quickstart (4,000 synthetic documents, 150 pretraining and 150
-SFT steps with 2 Ray Train workers under ZeRO-2, DPO from the SFT export on the synthetic preference
+One module-scoped run of the shipped quickstart (4,000 synthetic documents, 300 pretraining and 300
+SFT steps of a 1.1M-parameter model with 2 Ray Train workers under ZeRO-2, DPO from the SFT export on the synthetic preference
 pairs, eval of the three exports, a Ray Serve endpoint answering one chat request; only the HTTP
 port differs) serves the stage-contract tests; a LoRA fine-tune of the same pretrained export is
 scored against the same control. Held-out sentiment: 200 examples, 100 per label; held-out
@@ -19,11 +19,11 @@ import pytest
 from cluster.quickstart import SUMMARY_NAME, run_quickstart
 
 pytestmark = pytest.mark.timeout(1800)
-STEPS = 150  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yaml
+STEPS = 300  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yaml
 DPO_STEPS = 60  # train.max_steps of configs/quickstart_dpo.yaml
-# What DPO may cost the SFT tasks, in points. Measured on 2 cores: sentiment 100 -> 100, qa token F1
-# 2.5 -> 1.0, rewrite chrF 25.2 -> 20.4; the 2-point target holds for sentiment and qa only.
-QA_SLACK, REWRITE_SLACK = 2.0, 8.0
+# What DPO may cost the SFT tasks, in points. Measured on 2 cores: sentiment 99.5 -> 100, qa token F1
+# 12.5 -> 9.5, rewrite chrF 97.9 -> 94.8; the 2-point target holds for sentiment only.
+QA_SLACK, REWRITE_SLACK = 4.0, 4.0
 
 
 def _free_port() -> int:
@@ -97,15 +97,23 @@ def test_exports_load_offline_and_stop_at_end_of_turn(quickstart) -> None:
     assert tok.decode(new, skip_special_tokens=True).strip() == record["reference"]
 
 
-def test_fine_tuned_model_beats_the_pretrained_control(quickstart) -> None:
+def test_fine_tuned_model_does_the_tasks_without_forgetting(quickstart) -> None:
+    """The aims of the quickstart recipe (bench/RESULTS.md), measured on 2 cores: sentiment 99.5,
+    rewrite chrF 97.9, held-out pretraining perplexity 2.48 against the pretrained model's 2.61;
+    QA exact match 12.5, short of its aim of 80 (the model does not learn to copy from its context
+    in this budget)."""
     workdir, _ = quickstart
     tuned, control = _eval(workdir, "sft"), _eval(workdir, "pretrain")
     sentiment = tuned["sentiment"]
     assert sentiment["n"] == 200  # 100 positive + 100 negative held-out reviews
-    assert sentiment["metrics"]["accuracy"] >= 90.0
+    assert sentiment["metrics"]["accuracy"] >= 98.0
     assert control["sentiment"]["metrics"]["accuracy"] < 50.0
+    assert tuned["rewrite"]["metrics"]["chrf"] >= 95.0  # aim: 60
+    assert tuned["qa"]["metrics"]["exact_match"] >= 10.0  # aim 80: not met, see the docstring
     assert tuned["qa"]["metrics"]["token_f1"] > control["qa"]["metrics"]["token_f1"]
-    assert tuned["rewrite"]["metrics"]["chrf"] > control["rewrite"]["metrics"]["chrf"]
+    # perplexity_data[0]: held-out pretraining rows; SFT mixes some in, so nothing is forgotten
+    pretrained, fine_tuned = (r["perplexity"][0]["perplexity"] for r in (control, tuned))
+    assert fine_tuned <= 1.1 * pretrained  # aim: 1.5x
 
 
 def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -> None:
@@ -116,7 +124,7 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
     dpo, sft = _eval(workdir, "dpo"), _eval(workdir, "sft")
     assert dpo["preference"]["n"] == sft["preference"]["n"] == 240
     assert sft["preference"]["metrics"]["win_rate"] == pytest.approx(50.0, abs=10.0)
-    assert dpo["preference"]["metrics"]["win_rate"] >= 80.0  # 86.7 measured
+    assert dpo["preference"]["metrics"]["win_rate"] >= 95.0  # 100.0 measured
     rows = _rows(Path(summary["artifacts"]["dpo run"]) / "metrics.jsonl")
     assert rows[-1]["reward_margin"] > rows[0]["reward_margin"] > 0
     assert rows[-1]["eval_reward_accuracy"] >= 0.9

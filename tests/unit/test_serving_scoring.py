@@ -104,8 +104,13 @@ def test_echo_appends_the_generated_tokens_after_the_prompt(client, engine):
     echoed = _post(client, prompt=TEXTS[0], max_tokens=4, logprobs=1, echo=True)["choices"][0]
     assert echoed["text"] == TEXTS[0] + plain["text"]
     lp, n = echoed["logprobs"], len(ids)
-    for key in ("tokens", "token_logprobs", "top_logprobs"):
-        assert lp[key][n:] == plain["logprobs"][key], key
+    assert lp["tokens"][n:] == plain["logprobs"]["tokens"]
+    # The two requests score the completion in different forward passes: equal up to float
+    # rounding (7e-7 seen with the format-3 corpus's tokenizer).
+    tol = 1e-5
+    assert lp["token_logprobs"][n:] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=tol)
+    tops = zip(lp["top_logprobs"][n:], plain["logprobs"]["top_logprobs"], strict=True)
+    assert all(a == pytest.approx(b, abs=tol) for a, b in tops)
     # Offsets count from the start of the prompt; without echo, from the completion's start.
     assert [o - len(TEXTS[0]) for o in lp["text_offset"][n:]] == plain["logprobs"]["text_offset"]
 

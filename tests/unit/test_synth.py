@@ -133,7 +133,7 @@ def test_every_line_is_json_with_the_documented_fields(corpus: Path) -> None:
 def test_pretraining_mixes_stories_reviews_facts_and_zorbish(corpus: Path) -> None:
     texts = [r["text"] for p in (corpus / "pretrain").glob("*.jsonl") for r in _read_jsonl(p)]
     markers = ("Overall, a positive review.", "Overall, a negative review.", "In Zorbish, '")
-    for marker in (*markers, " lives in ", " lived in "):
+    for marker in (*markers, "Facts: ", "\nQuestion: ", " lives in ", " lived in "):
         assert any(marker in t for t in texts), marker
     assert 400 <= sum(map(len, texts)) / len(texts) <= 800  # average characters per document
 
