@@ -141,7 +141,7 @@ def test_own_checkpoint_tokenizer_template_and_alpaca_data(
                                           "output": r["messages"][1]["content"]}) + "\n"
                               for r in records))  # fmt: skip
     data = prepare_data(base, inputs=[str(alpaca)], output=str(tmp_path / "data"), mode="sft",
-                        seq_len=128, validation_fraction=0.1, sft={"pack": True})  # fmt: skip
+                        seq_len=256, validation_fraction=0.1, sft={"pack": True})  # fmt: skip
     assert data.manifest["documents_kept"] > 300 and data.manifest["tokenizer"]["path"] == str(base)
     cfg = load_config(None, [
         "name=byo", f"train.storage_path={tmp_path / 'runs'}", "train.task=sft",
