@@ -18,6 +18,7 @@ endpoint (``eval.harness_endpoint``), which scores through ``/v1/completions`` w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -362,7 +363,7 @@ def ray_generate_session(plan: EvalPlan, progress: bool = False) -> Iterator[Gen
     from serving.config import GenerateConfig, GenerateSampling
 
     with tempfile.TemporaryDirectory(prefix="raylm_eval_") as tmp:
-        calls = iter(range(1 << 30))
+        calls = itertools.count()
 
         def run(conversations: list[Messages], max_new_tokens: int) -> list[str]:
             k = next(calls)

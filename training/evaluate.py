@@ -2,7 +2,7 @@
 
 Phases: :func:`plan_eval` (every input check, before any model loads) -> :func:`run_perplexity`
 (in-process ``transformers`` forward passes over the validation split) and the preference pairs'
-log-probs (:func:`run_preference`) -> :func:`run_tasks` (prompts through a ``generate``
+log-probs (one model load for both) -> :func:`run_tasks` (prompts through a ``generate``
 callable, scored by ``training.scoring``; greedy answers to the preference prompts) -> the lm-eval
 tasks (a :data:`Harness` callable) -> ``eval.json``.
 
@@ -14,6 +14,7 @@ client).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,7 +60,6 @@ __all__ = [
     "read_preference_file",
     "read_task_file",
     "run_perplexity",
-    "run_preference",
     "run_preference_generation",
     "run_tasks",
 ]
@@ -453,12 +453,7 @@ def perplexity_row(
 
 def run_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
     """Perplexity per dataset; the model is loaded once and freed before generation starts."""
-    return _forward_scores(plan)[0]
-
-
-def run_preference(plan: EvalPlan) -> list[dict[str, Any]]:
-    """Log-prob scores of each eval.preference_data file (see :func:`_pair_logps`)."""
-    return _forward_scores(plan)[1]
+    return _forward_scores(dataclasses.replace(plan, preference={}))[0]
 
 
 def _forward_scores(
@@ -467,16 +462,18 @@ def _forward_scores(
     """(perplexity per dataset, preference scores per file) with one model load, freed before
     generation starts. ``perplexity``: computes the datasets' perplexity elsewhere (a Ray Data
     job) instead of with this process's model."""
-    done = perplexity(plan) if perplexity is not None and plan.datasets else None
-    if (done is not None or not plan.datasets) and not plan.preference:
-        return done or [], []
+    remote = perplexity(plan) if perplexity is not None and plan.datasets else None
+    if (remote is not None or not plan.datasets) and not plan.preference:
+        return remote or [], []
     model = _load_model(plan)
     try:
+        ppl = remote if remote is not None else [_dataset_perplexity(model, d, plan)
+                                                 for d in plan.datasets]  # fmt: skip
+        if not plan.preference:
+            return ppl, []
         tok = _load_tokenizer(plan.model_dir, "eval.model")
-        if done is None:
-            done = [_dataset_perplexity(model, d, plan) for d in plan.datasets]
-        return done, [_pair_logps(model, tok, path, recs, plan)
-                      for path, recs in plan.preference.items()]  # fmt: skip
+        return ppl, [_pair_logps(model, tok, path, recs, plan)
+                     for path, recs in plan.preference.items()]  # fmt: skip
     finally:
         del model
         if plan.device == "cuda":
@@ -565,7 +562,7 @@ def run_preference_generation(
 ) -> None:
     """Greedy answers to each preference file's prompts: ``greedy_chosen`` / ``greedy_rejected``
     (points) are the shares equal (whitespace aside) to the chosen / rejected answer; added to
-    ``scores`` (:func:`run_preference`'s entries, same order)."""
+    ``scores`` (:func:`_pair_logps`'s entries, same order)."""
     for entry, records in zip(scores, plan.preference.values(), strict=True):
         t0 = time.perf_counter()
         preds = [_normalized(p) for p in _generate_checked(
