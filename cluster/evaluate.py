@@ -303,8 +303,8 @@ def _pool_args(cfg: EvalConfig) -> dict[str, Any]:
     return {
         "compute": ActorPoolStrategy(size=cfg.actors),
         "num_cpus": cfg.actor_cpus,
-        "max_restarts": 0,
-    }  # fmt: skip (ray#53727: restarts print a console warning per actor)
+        "max_restarts": 0,  # see data_pipelines.actor_pool
+    }  # fmt: skip
 
 
 def ray_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
@@ -323,10 +323,9 @@ def ray_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
 
 def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
     """One dataset's perplexity entry: loss sums per batch from the actor pool, added up."""
-    import warnings
-
     import ray
 
+    from data_pipelines.actor_pool import restarts_as_remote_arg
     from training.evaluate import perplexity_row
 
     t0 = time.perf_counter()
@@ -340,8 +339,7 @@ def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
     pad = info.pad_token_id if info.pad_token_id is not None else -1
     ctor = {"model_dir": str(plan.model_dir), "dtype": plan.dtype, "device": plan.device,
             "pad_id": pad, "vocab": plan.vocab_size, "where": f"{data.key}: {data.path}"}  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    with restarts_as_remote_arg():
         sums = ds.map_batches(PerplexityActor, fn_constructor_kwargs=ctor,
                               batch_size=plan.cfg.batch_size, **_pool_args(plan.cfg))  # fmt: skip
     parts = sums.take_all()

@@ -21,7 +21,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.actor_pool import restarts_as_remote_arg
 from data_pipelines.clean import content_hash, is_validation, normalize_text, redact_pii
 from data_pipelines.config import DataConfig
 from data_pipelines.errors import DataError
@@ -284,10 +284,7 @@ def _build_dataset(cfg: DataConfig, files: InputFiles, tokenizer_path: str, eos_
         shuffle=None,
         override_num_blocks=len(files.paths),
     )
-    with warnings.catch_warnings():
-        # max_restarts is a plain remote argument in Ray 2.60 (deprecated, no named one yet);
-        # Ray Data's default (-1) prints ray#53727's warning for every actor it starts.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    with restarts_as_remote_arg():
         return _map_shards(ds, cfg, files, tokenizer_path, eos_id)
 
 

@@ -23,12 +23,12 @@ import logging
 import re
 import shutil
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipelines.actor_pool import restarts_as_remote_arg
 from data_pipelines.errors import DataError
 from data_pipelines.manifest import MANIFEST_NAME, fingerprint_inputs, write_manifest
 from data_pipelines.readers import InputFiles, detect_format, expand_inputs
@@ -205,10 +205,7 @@ def _build_dataset(cfg: GenerateConfig, plan: GeneratePlan):
         max_concurrent_calls_per_actor=cfg.calls_per_actor,
         enable_true_multi_threading=True,  # calls share the engine; it runs on its own thread
     )
-    with warnings.catch_warnings():
-        # Ray 2.60 takes max_restarts as a plain remote argument (deprecated there, with no
-        # named one yet); Ray Data's default (-1) prints ray#53727's warning for every actor.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    with restarts_as_remote_arg():
         return ds.map_batches(
             GenerateBatch,
             fn_constructor_kwargs={"cfg": cfg},
