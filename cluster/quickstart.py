@@ -201,10 +201,12 @@ def _train(cfg: RaylmConfig, out: Outcome, key: str) -> str:
     evals = [r for r in rows if "eval_loss" in r]
     last = rows[-1] if rows else {}
     detail = f"step {last.get('step')}, loss {last.get('loss', float('nan')):.3f}"
-    if evals:
+    if evals and "eval_reward_accuracy" in evals[-1]:  # DPO: objective, chosen answers' ppl
+        detail += (f", eval loss {evals[-1]['eval_loss']:.3f} (chosen-answer ppl"
+                   f" {evals[-1]['perplexity']:.1f}), held-out reward accuracy"
+                   f" {100 * evals[-1]['eval_reward_accuracy']:.0f}%")  # fmt: skip
+    elif evals:
         detail += f", eval loss {evals[-1]['eval_loss']:.3f} (ppl {evals[-1]['perplexity']:.1f})"
-    if evals and "eval_reward_accuracy" in evals[-1]:
-        detail += f", held-out reward accuracy {100 * evals[-1]['eval_reward_accuracy']:.0f}%"
     out.artifacts[f"{key} run"] = str(run_dir(cfg))
     out.numbers[key] = detail
     return detail + (" (reused)" if reused else "")

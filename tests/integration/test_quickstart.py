@@ -20,10 +20,10 @@ from cluster.quickstart import SUMMARY_NAME, run_quickstart
 
 pytestmark = pytest.mark.timeout(1800)
 STEPS = 300  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yaml
-DPO_STEPS = 60  # train.max_steps of configs/quickstart_dpo.yaml
-# What DPO may cost the SFT tasks, in points. Measured on 2 cores: sentiment 99.5 -> 100, qa token F1
-# 12.5 -> 9.5, rewrite chrF 97.9 -> 94.8; the 2-point target holds for sentiment only.
-QA_SLACK, REWRITE_SLACK = 4.0, 4.0
+DPO_STEPS = 50  # train.max_steps of configs/quickstart_dpo.yaml
+# What DPO may cost each SFT task, in points (the preference-tuning issue's limit). Measured on 2
+# cores: sentiment 99.5 -> 99.5, qa token F1 12.5 -> 10.5, rewrite chrF 97.9 -> 97.5.
+TASK_SLACK = 2.0 + 1e-6  # 1e-6: scores are means of 200 floats
 
 
 def _free_port() -> int:
@@ -124,13 +124,12 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
     dpo, sft = _eval(workdir, "dpo"), _eval(workdir, "sft")
     assert dpo["preference"]["n"] == sft["preference"]["n"] == 240
     assert sft["preference"]["metrics"]["win_rate"] == pytest.approx(50.0, abs=10.0)
-    assert dpo["preference"]["metrics"]["win_rate"] >= 95.0  # 100.0 measured
+    assert dpo["preference"]["metrics"]["win_rate"] >= 95.0  # 99.6 measured
     rows = _rows(Path(summary["artifacts"]["dpo run"]) / "metrics.jsonl")
     assert rows[-1]["reward_margin"] > rows[0]["reward_margin"] > 0
     assert rows[-1]["eval_reward_accuracy"] >= 0.9
-    assert dpo["sentiment"]["metrics"]["accuracy"] >= sft["sentiment"]["metrics"]["accuracy"] - 2
-    assert dpo["qa"]["metrics"]["token_f1"] >= sft["qa"]["metrics"]["token_f1"] - QA_SLACK
-    assert dpo["rewrite"]["metrics"]["chrf"] >= sft["rewrite"]["metrics"]["chrf"] - REWRITE_SLACK
+    for task, metric in (("sentiment", "accuracy"), ("qa", "token_f1"), ("rewrite", "chrf")):
+        assert dpo[task]["metrics"][metric] >= sft[task]["metrics"][metric] - TASK_SLACK, task
     assert "win rate" in summary["numbers"]["preference"]
 
 
