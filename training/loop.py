@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -168,8 +169,29 @@ class _Ctx:
 # ---------------------------------------------------------------- setup
 
 
+def prefer_interpreter_ninja(env: MutableMapping[str, str], bindir: Path) -> bool:
+    """Put ``bindir`` (the interpreter's own bin dir) first on ``env``'s PATH when it holds a
+    ``ninja``; True when PATH changed.
+
+    DeepSpeed JIT-builds its CPU ops (the shared-memory collectives, CPU Adam) under
+    ``~/.cache/torch_extensions`` with whichever ``ninja`` PATH finds first. The ``ninja`` that pip
+    installs next to the interpreter (1.13) and a system one (1.11) keep incompatible build logs,
+    so a run from an activated venv after one that was not (or under the multi-node tests' PATH)
+    rebuilt every op: about 40 s per rank and stage, every time. One choice for every process.
+    """
+    if not (bindir / "ninja").is_file():
+        return False
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] == str(bindir):
+        return False
+    env["PATH"] = os.pathsep.join([str(bindir), path]) if path else str(bindir)
+    return True
+
+
 def _init_distributed(use_gpu: bool, world_size: int) -> None:
     import deepspeed
+
+    prefer_interpreter_ninja(os.environ, Path(sys.executable).parent)  # before any op builds
 
     # Under Ray Train the torch process group already exists; deepspeed.init_distributed then
     # only wraps it. It must still run: zero.Init reads the world size from deepspeed.comm.

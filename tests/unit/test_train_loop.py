@@ -10,7 +10,7 @@ import pytest
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import dataset_info
 from training.errors import NonFiniteError
-from training.loop import WorkerIO, WorkerJob, run_worker
+from training.loop import WorkerIO, WorkerJob, prefer_interpreter_ninja, run_worker
 from training.synthetic import write_synthetic_dataset
 
 
@@ -53,3 +53,17 @@ def test_nonfinite_loss_stops_naming_step_and_rank(dataset, tmp_path) -> None:
         NonFiniteError, match=r"step 2: non-finite (loss on rank\(s\) \[0\]|gradient norm)"
     ):
         run_worker(job, WorkerIO(0, 1, lambda *a: None))
+
+
+def test_the_interpreters_ninja_comes_first_on_path(tmp_path) -> None:
+    """DeepSpeed's op builds use the first ninja on PATH; two versions alternating rebuild every op."""
+    bindir, other = tmp_path / "venv" / "bin", "/usr/local/bin:/usr/bin"
+    bindir.mkdir(parents=True)
+    env = {"PATH": other}
+    assert not prefer_interpreter_ninja(env, bindir) and env["PATH"] == other  # no ninja there
+    (bindir / "ninja").write_text("")
+    assert prefer_interpreter_ninja(env, bindir)
+    assert env["PATH"] == f"{bindir}:{other}"
+    assert not prefer_interpreter_ninja(env, bindir) and env["PATH"] == f"{bindir}:{other}"
+    empty: dict[str, str] = {}
+    assert prefer_interpreter_ninja(empty, bindir) and empty["PATH"] == str(bindir)
