@@ -7,6 +7,7 @@ Each section validates only itself; checks that need several sections or the pre
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -233,6 +234,20 @@ class StorageS3Config(_Section):
         description="Region of the storage bucket; unset: AWS_REGION or AWS_DEFAULT_REGION, else "
         "asked of AWS.",
     )
+    staging_dir: str | None = Field(
+        None,
+        description="Absolute local dir, on each node, where workers write their checkpoint shards "
+        "before Ray uploads them in the background (deleted once uploaded); unset: the system "
+        "temp dir.",
+    )
+
+    @field_validator("staging_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Workers run in Ray's per-job working dir: a relative path would land there, per node.
+        if value is not None and not os.path.isabs(value):
+            raise ValueError("an absolute path")
+        return value
 
 
 class TrainConfig(_Section):

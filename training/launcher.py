@@ -357,10 +357,12 @@ def _ray_report(
     step: int,
     dir_name: str | None = None,
     *,
-    in_place: bool = False,
+    upload: str = "SYNC",
 ) -> None:
-    """Ray Train's report. A checkpoint is copied from the rank's local dir into storage, or, when
-    the ranks wrote it into the run dir (``in_place``), registered where it is (``NO_UPLOAD``)."""
+    """Ray Train's report. ``upload`` names Ray's ``CheckpointUploadMode`` for a checkpoint:
+    ``NO_UPLOAD`` registers the dir where the ranks wrote it (in place in the run dir); ``ASYNC``
+    copies it into storage from Ray's upload thread while the next steps run, then deletes the
+    local dir; ``SYNC`` copies it before returning."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
@@ -368,8 +370,10 @@ def _ray_report(
     if checkpoint_dir is None:
         ray.train.report(metrics)
         return
-    where = ({"checkpoint_upload_mode": CheckpointUploadMode.NO_UPLOAD} if in_place
-             else {"checkpoint_dir_name": dir_name or f"checkpoint_{step:08d}"})  # fmt: skip
+    mode = CheckpointUploadMode[upload]
+    where: dict[str, Any] = {"checkpoint_upload_mode": mode}
+    if mode is not CheckpointUploadMode.NO_UPLOAD:
+        where["checkpoint_dir_name"] = dir_name or f"checkpoint_{step:08d}"
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), **where
     )
@@ -414,7 +418,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     fs = config.get("run_fs")
     if fs is None:  # a filesystem every worker sees (one node, or a shared mount): in place
-        report = functools.partial(_ray_report, in_place=True)
+        report = functools.partial(_ray_report, upload="NO_UPLOAD")
         io = _worker_io(config, rank, report, lambda: _resume_candidates(job))
         io.checkpoint_root = Path(job.run_dir)
         run_worker(job, io)
@@ -423,8 +427,11 @@ def _train_fn(config: dict[str, Any]) -> None:
     remote = job.run_dir
     with worker_run(fs, remote, rank) as mirror:
         job = dataclasses.replace(job, run_dir=str(mirror.local))
-        report = pushing_reports(mirror, _ray_report)
+        # Checkpoints upload in Ray's background thread while training goes on; Ray deletes each
+        # rank's local dir once uploaded and waits for the last upload before the run ends.
+        report = pushing_reports(mirror, functools.partial(_ray_report, upload="ASYNC"))
         io = _worker_io(config, rank, report, lambda: _s3_resume_candidates(fs))
+        io.reporter_deletes_checkpoints = True
         io.name_of = lambda local: f"{remote.rstrip('/')}/{local.name}"
         run_worker(job, io)
 

@@ -142,6 +142,9 @@ class WorkerIO:
     # every rank sees; the reporter then registers the dir without copying it). None: each rank
     # writes to a local temporary dir and the reporter copies it into storage.
     checkpoint_root: Path | None = None
+    # The reporter owns a reported temporary checkpoint dir and deletes it once it is stored (Ray's
+    # asynchronous upload); otherwise the loop deletes it when the report returns.
+    reporter_deletes_checkpoints: bool = False
 
 
 @dataclass
@@ -658,17 +661,23 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
 
     With ``io.checkpoint_root`` (the run dir on a filesystem every node sees) the shards go straight
     into the run dir, hashed once every rank has written; otherwise to a fresh local dir that the
-    reporter copies into storage.
+    reporter copies into storage (S3: in the background, deleting the dir when done).
     """
     name, rank = checkpoint_name(ctx.state), ctx.io.rank
     if ctx.io.checkpoint_root is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{rank}_"))
+        staging = ctx.job.train.s3.staging_dir
+        if staging:
+            Path(staging).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{rank}_", dir=staging))
+        reported = False
         try:
             _write_checkpoint(ctx, tmp)
             write_integrity(tmp, rank)  # last: covers everything this rank wrote
             ctx.io.report(metrics, tmp, ctx.state.step, name)
+            reported = True
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not (reported and ctx.io.reporter_deletes_checkpoints):
+                shutil.rmtree(tmp, ignore_errors=True)
         return
     dest = Path(ctx.io.checkpoint_root) / name
     if rank == 0 and dest.exists():  # left by a run stopped while writing it

@@ -103,7 +103,12 @@ def test_train_resume_report_and_export_on_s3(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     run = "runs/s3run/"
-    assert main(_train_args(prepared, endpoint, steps=4)) == 0, capsys.readouterr().err[-3000:]
+    staging = tmp_path / "staging"
+    args = _train_args(prepared, endpoint, 4, f"train.s3.staging_dir={staging}")
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    # The ranks staged their shards in train.s3.staging_dir (made by them) and handed each dir to
+    # Ray's asynchronous upload, which deleted it once stored.
+    assert staging.is_dir() and not list(staging.iterdir()), list(staging.iterdir())
     keys = _keys(aws, run)
     # Ray keeps the newest 2 checkpoints (steps 2 and 4), both ranks' shards merged on S3.
     assert sorted({k.split("/")[0] for k in keys if k.startswith("checkpoint_0")}) == [

@@ -30,16 +30,32 @@ def _job(dataset: Path, run_dir: Path, **train_kw) -> WorkerJob:
 
 
 @pytest.mark.timeout(300)
-def test_loop_runs_without_ray_and_reports(dataset, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "reporter_deletes", [False, True], ids=["loop_deletes", "reporter_deletes"]
+)
+def test_loop_runs_without_ray_and_reports(dataset, tmp_path, reporter_deletes) -> None:
     reports: list[tuple[int, bool]] = []
+    staged: list[Path] = []
 
     def report(metrics, checkpoint_dir, step, dir_name=None):
         reports.append((step, checkpoint_dir is not None))
+        if checkpoint_dir is not None:
+            assert (
+                checkpoint_dir / "integrity" / "rank_0.json"
+            ).is_file()  # complete when reported
+            staged.append(checkpoint_dir)
 
-    state = run_worker(_job(dataset, tmp_path, max_steps=3, lr=3e-3), WorkerIO(0, 1, report))
+    staging, run = tmp_path / "staging", tmp_path / "run"
+    job = _job(dataset, run, max_steps=3, lr=3e-3, s3={"staging_dir": str(staging)})
+    state = run_worker(job, WorkerIO(0, 1, report, reporter_deletes_checkpoints=reporter_deletes))
     assert state.step == 3 and state.tokens_seen == 3 * 8 * 32
     assert reports == [(1, False), (2, False), (3, True)]  # checkpoint at the end
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Staged under train.s3.staging_dir; a reporter that uploads in the background (Ray's ASYNC
+    # mode) deletes the dir itself once stored, so the loop must leave it; otherwise the loop
+    # deletes it when the report returns.
+    assert [p.parent for p in staged] == [staging]
+    assert staged[0].exists() is reporter_deletes
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["lr"] == pytest.approx(3e-3)  # warmup_steps 0: full lr from step 1
     assert "eval_loss" in rows[-1] and rows[-1]["perplexity"] > 1

@@ -59,6 +59,12 @@ def test_config_refuses_other_schemes_and_a_missing_bucket() -> None:
     with pytest.raises(ConfigError, match=r"train\.storage_path: .*no bucket"):
         load_config(None, ["train.storage_path=s3:///p"])
     assert load_config(None, ["train.storage_path=s3://b/p"]).train.s3.endpoint_url is None
+    with pytest.raises(ConfigError, match=r"train\.s3\.staging_dir: .*an absolute path.*'stage'"):
+        load_config(None, ["train.s3.staging_dir=stage"])
+    assert (
+        load_config(None, ["train.s3.staging_dir=/fast/stage"]).train.s3.staging_dir
+        == "/fast/stage"
+    )
 
 
 def test_unreachable_endpoint_is_refused_naming_the_key(monkeypatch) -> None:
