@@ -47,6 +47,8 @@ from training.storage import (
 from training.storage import open_run as _open_run
 
 if TYPE_CHECKING:
+    from ray.train import CheckpointUploadMode
+
     from cluster.config import RaylmConfig
 
 __all__ = ["job_from_dict", "job_to_dict", "open_run", "plan_job", "run_dir", "train"]
@@ -357,12 +359,11 @@ def _ray_report(
     step: int,
     dir_name: str | None = None,
     *,
-    upload: str = "SYNC",
+    upload: CheckpointUploadMode,
 ) -> None:
-    """Ray Train's report. ``upload`` names Ray's ``CheckpointUploadMode`` for a checkpoint:
-    ``NO_UPLOAD`` registers the dir where the ranks wrote it (in place in the run dir); ``ASYNC``
-    copies it into storage from Ray's upload thread while the next steps run, then deletes the
-    local dir; ``SYNC`` copies it before returning."""
+    """Ray Train's report. ``upload`` is how Ray stores a checkpoint: ``NO_UPLOAD`` registers the
+    dir where the ranks wrote it (in place in the run dir); ``ASYNC`` copies it into storage from
+    Ray's upload thread while the next steps run, then deletes the local dir."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
@@ -370,9 +371,8 @@ def _ray_report(
     if checkpoint_dir is None:
         ray.train.report(metrics)
         return
-    mode = CheckpointUploadMode[upload]
-    where: dict[str, Any] = {"checkpoint_upload_mode": mode}
-    if mode is not CheckpointUploadMode.NO_UPLOAD:
+    where: dict[str, Any] = {"checkpoint_upload_mode": upload}
+    if upload is not CheckpointUploadMode.NO_UPLOAD:
         where["checkpoint_dir_name"] = dir_name or f"checkpoint_{step:08d}"
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), **where
@@ -410,6 +410,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     job = job_from_dict(config["job"])
     import ray.train
     import torch
+    from ray.train import CheckpointUploadMode
 
     mark_worker_warnings()  # the driver shows these; the rest of a worker's output goes to its log
     if not job.use_gpu:  # workers share the cores: no oversubscription
@@ -418,7 +419,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     fs = config.get("run_fs")
     if fs is None:  # a filesystem every worker sees (one node, or a shared mount): in place
-        report = functools.partial(_ray_report, upload="NO_UPLOAD")
+        report = functools.partial(_ray_report, upload=CheckpointUploadMode.NO_UPLOAD)
         io = _worker_io(config, rank, report, lambda: _resume_candidates(job))
         io.checkpoint_root = Path(job.run_dir)
         run_worker(job, io)
@@ -429,7 +430,9 @@ def _train_fn(config: dict[str, Any]) -> None:
         job = dataclasses.replace(job, run_dir=str(mirror.local))
         # Checkpoints upload in Ray's background thread while training goes on; Ray deletes each
         # rank's local dir once uploaded and waits for the last upload before the run ends.
-        report = pushing_reports(mirror, functools.partial(_ray_report, upload="ASYNC"))
+        report = pushing_reports(
+            mirror, functools.partial(_ray_report, upload=CheckpointUploadMode.ASYNC)
+        )
         io = _worker_io(config, rank, report, lambda: _s3_resume_candidates(fs))
         io.reporter_deletes_checkpoints = True
         io.name_of = lambda local: f"{remote.rstrip('/')}/{local.name}"

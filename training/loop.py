@@ -663,22 +663,10 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
     into the run dir, hashed once every rank has written; otherwise to a fresh local dir that the
     reporter copies into storage (S3: in the background, deleting the dir when done).
     """
-    name, rank = checkpoint_name(ctx.state), ctx.io.rank
     if ctx.io.checkpoint_root is None:
-        staging = ctx.job.train.s3.staging_dir
-        if staging:
-            Path(staging).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{rank}_", dir=staging))
-        reported = False
-        try:
-            _write_checkpoint(ctx, tmp)
-            write_integrity(tmp, rank)  # last: covers everything this rank wrote
-            ctx.io.report(metrics, tmp, ctx.state.step, name)
-            reported = True
-        finally:
-            if not (reported and ctx.io.reporter_deletes_checkpoints):
-                shutil.rmtree(tmp, ignore_errors=True)
+        _checkpoint_staged(ctx, metrics)
         return
+    name, rank = checkpoint_name(ctx.state), ctx.io.rank
     dest = Path(ctx.io.checkpoint_root) / name
     if rank == 0 and dest.exists():  # left by a run stopped while writing it
         shutil.rmtree(dest)
@@ -687,6 +675,24 @@ def _checkpoint(ctx: _Ctx, metrics: dict[str, Any]) -> None:
     dist.barrier()  # collective: every rank's files are complete before any is hashed
     write_integrity(dest, rank, share=(rank, ctx.io.world_size))
     ctx.io.report(metrics, dest, ctx.state.step, name)
+
+
+def _checkpoint_staged(ctx: _Ctx, metrics: dict[str, Any]) -> None:
+    """This rank's checkpoint in a fresh dir under ``train.s3.staging_dir`` (or the system temp
+    dir), reported for the reporter to store; deleted here unless the reporter deletes it."""
+    staging = ctx.job.train.s3.staging_dir
+    if staging:
+        Path(staging).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"raylm_ckpt_r{ctx.io.rank}_", dir=staging))
+    try:
+        _write_checkpoint(ctx, tmp)
+        write_integrity(tmp, ctx.io.rank)  # last: covers everything this rank wrote
+        ctx.io.report(metrics, tmp, ctx.state.step, checkpoint_name(ctx.state))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not ctx.io.reporter_deletes_checkpoints:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_checkpoint(ctx: _Ctx, out: Path) -> None:
