@@ -274,7 +274,7 @@ class PerplexityActor:
     """Ray Data actor: one model copy; each call returns its rows' loss sum and loss tokens."""
 
     def __init__(
-        self, model_dir: str, dtype: str, device: str, pad_id: int, vocab: int, where: str
+        self, model_dir: str, dtype: str, device: str, pad_id: int | None, vocab: int, where: str
     ):
         from training.evaluate import load_eval_model
 
@@ -297,16 +297,6 @@ class PerplexityActor:
         return {"loss_sum": np.array([total]), "tokens": np.array([count]), "rows": np.array([n])}
 
 
-def _pool_args(cfg: EvalConfig) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy
-
-    return {
-        "compute": ActorPoolStrategy(size=cfg.actors),
-        "num_cpus": cfg.actor_cpus,
-        "max_restarts": 0,  # see data_pipelines.actor_pool
-    }  # fmt: skip
-
-
 def ray_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
     """eval.json's perplexity entries, each dataset's validation rows scored by ``eval.actors``
     model actors (``eval.perplexity_rows`` first rows in file order; sums do not depend on how
@@ -324,6 +314,7 @@ def ray_perplexity(plan: EvalPlan) -> list[dict[str, Any]]:
 def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
     """One dataset's perplexity entry: loss sums per batch from the actor pool, added up."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from data_pipelines.actor_pool import restarts_as_remote_arg
     from training.evaluate import perplexity_row
@@ -336,12 +327,13 @@ def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
         ds = ds.limit(plan.cfg.perplexity_rows)
     # blocks of one batch each, so every actor gets work whatever the file count
     ds = ds.repartition(target_num_rows_per_block=plan.cfg.batch_size)
-    pad = info.pad_token_id if info.pad_token_id is not None else -1
     ctor = {"model_dir": str(plan.model_dir), "dtype": plan.dtype, "device": plan.device,
-            "pad_id": pad, "vocab": plan.vocab_size, "where": f"{data.key}: {data.path}"}  # fmt: skip
+            "pad_id": info.pad_token_id, "vocab": plan.vocab_size, "where": f"{data.key}: {data.path}"}  # fmt: skip
     with restarts_as_remote_arg():
         sums = ds.map_batches(PerplexityActor, fn_constructor_kwargs=ctor,
-                              batch_size=plan.cfg.batch_size, **_pool_args(plan.cfg))  # fmt: skip
+                              batch_size=plan.cfg.batch_size, num_cpus=plan.cfg.actor_cpus,
+                              compute=ActorPoolStrategy(size=plan.cfg.actors),
+                              max_restarts=0)  # fmt: skip
     parts = sums.take_all()
     total = float(sum(p["loss_sum"] for p in parts))
     count, rows = int(sum(p["tokens"] for p in parts)), int(sum(p["rows"] for p in parts))

@@ -358,10 +358,6 @@ def _read_tasks(paths: list[str], limit: int) -> dict[str, list[TaskRecord]]:
 # ---------------------------------------------------------------- perplexity
 
 
-def _load_model(plan: EvalPlan) -> Any:
-    return load_eval_model(plan.model_dir, plan.dtype, plan.device)
-
-
 def load_eval_model(model_dir: str | Path, dtype: str, device: str) -> Any:
     """An exported model (safetensors), in eval mode on ``device``: sdpa where the family has it.
     Packed rows need no mask (``forward_packed`` separates documents by position_ids)."""
@@ -409,10 +405,9 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
     """Summed next-token loss over every loss-bearing token, then exp(sum / count)."""
     t0 = time.perf_counter()
     info = data.info
-    pad_id = info.pad_token_id if info.pad_token_id is not None else -1
     total, count, rows = 0.0, 0, 0
     for batch in _validation_batches(info, plan.cfg.batch_size, plan.cfg.perplexity_rows):
-        s, c = batch_loss(model, batch, pad_id, plan.vocab_size, plan.device,
+        s, c = batch_loss(model, batch, info.pad_token_id, plan.vocab_size, plan.device,
                           f"{data.key}: {data.path}")  # fmt: skip
         total, count, rows = total + s, count + c, rows + len(batch["input_ids"])
     return perplexity_row(data, total, count, rows, time.perf_counter() - t0)
@@ -420,15 +415,22 @@ def _dataset_perplexity(model: Any, data: PerplexityData, plan: EvalPlan) -> dic
 
 @torch.inference_mode()
 def batch_loss(
-    model: Any, batch: dict[str, np.ndarray], pad_id: int, vocab: int, device: str, where: str
+    model: Any,
+    batch: dict[str, np.ndarray],
+    pad_id: int | None,
+    vocab: int,
+    device: str,
+    where: str,
 ) -> tuple[float, int]:
-    """(summed next-token loss, loss tokens) of one batch of prepared rows ((batch, seq) arrays)."""
+    """(summed next-token loss, loss tokens) of one batch of prepared rows ((batch, seq) arrays);
+    ``pad_id``: the dataset manifest's pad token, None when it has none."""
     t = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)).to(device) for k, v in batch.items()}
     top = int(t["input_ids"].max())
     if top >= vocab:
         raise EvalError(f"{where}: token id {top} is outside the model's vocab_size {vocab} "
                         "(eval.model)")  # fmt: skip
-    targets = loss_targets(t["input_ids"], t["position_ids"], pad_id, t.get("labels"))
+    pad = pad_id if pad_id is not None else -1
+    targets = loss_targets(t["input_ids"], t["position_ids"], pad, t.get("labels"))
     s, c = token_loss(forward_packed(model, t["input_ids"], t["position_ids"]), targets)
     return float(s), int(c)  # host sync per batch: fine for eval, keeps the sum in float64
 
@@ -462,18 +464,19 @@ def _forward_scores(
     """(perplexity per dataset, preference scores per file) with one model load, freed before
     generation starts. ``perplexity``: computes the datasets' perplexity elsewhere (a Ray Data
     job) instead of with this process's model."""
-    remote = perplexity(plan) if perplexity is not None and plan.datasets else None
-    if (remote is not None or not plan.datasets) and not plan.preference:
-        return remote or [], []
-    model = _load_model(plan)
+    ppl = perplexity(plan) if perplexity is not None and plan.datasets else None
+    if not plan.preference and (ppl is not None or not plan.datasets):
+        return ppl or [], []  # nothing left for a model in this process
+    model = load_eval_model(plan.model_dir, plan.dtype, plan.device)
     try:
-        ppl = remote if remote is not None else [_dataset_perplexity(model, d, plan)
-                                                 for d in plan.datasets]  # fmt: skip
-        if not plan.preference:
-            return ppl, []
-        tok = _load_tokenizer(plan.model_dir, "eval.model")
-        return ppl, [_pair_logps(model, tok, path, recs, plan)
+        if ppl is None:
+            ppl = [_dataset_perplexity(model, d, plan) for d in plan.datasets]
+        pairs = []
+        if plan.preference:
+            tok = _load_tokenizer(plan.model_dir, "eval.model")
+            pairs = [_pair_logps(model, tok, path, recs, plan)
                      for path, recs in plan.preference.items()]  # fmt: skip
+        return ppl, pairs
     finally:
         del model
         if plan.device == "cuda":
