@@ -176,7 +176,7 @@ def prefer_interpreter_ninja(env: MutableMapping[str, str], bindir: Path) -> boo
     """Put ``bindir`` (the interpreter's own bin dir) first on ``env``'s PATH when it holds a
     ``ninja``; True when PATH changed.
 
-    DeepSpeed JIT-builds its CPU ops (the shared-memory collectives, CPU Adam) under
+    DeepSpeed JIT-builds its CPU ops (CPU Adam for optimizer offload) under
     ``~/.cache/torch_extensions`` with whichever ``ninja`` PATH finds first. The ``ninja`` that pip
     installs next to the interpreter (1.13) and a system one (1.11) keep incompatible build logs,
     so a run from an activated venv after one that was not (or under the multi-node tests' PATH)
@@ -191,10 +191,27 @@ def prefer_interpreter_ninja(env: MutableMapping[str, str], bindir: Path) -> boo
     return True
 
 
+def skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory collectives (``deepspeed_shm_comm``).
+
+    ``deepspeed.init_distributed`` JIT-builds and loads that op on the CPU accelerator, but only
+    ``inference_all_reduce`` (tensor-parallel inference) uses it; training's all-reduce, reduce-
+    scatter and all-gather go through the torch process group (gloo) either way. Its build took
+    25-30 s on the first run on a machine or venv (the compile command names the venv), with
+    every rank waiting on it. ``deepspeed.ops.__compatible_ops__`` is the dict ``build_shm_op``
+    consults; DeepSpeed keeps one per process so that edits to it persist.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _init_distributed(use_gpu: bool, world_size: int) -> None:
     import deepspeed
 
     prefer_interpreter_ninja(os.environ, Path(sys.executable).parent)  # before any op builds
+    if not use_gpu:
+        skip_cpu_shm_op()
 
     # Under Ray Train the torch process group already exists; deepspeed.init_distributed then
     # only wraps it. It must still run: zero.Init reads the world size from deepspeed.comm.

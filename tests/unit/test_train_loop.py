@@ -10,7 +10,7 @@ import pytest
 from training.config import DeepSpeedConfig, ModelConfig, TrainConfig
 from training.data import dataset_info
 from training.errors import NonFiniteError
-from training.loop import WorkerIO, WorkerJob, prefer_interpreter_ninja, run_worker
+from training.loop import WorkerIO, WorkerJob, prefer_interpreter_ninja, run_worker, skip_cpu_shm_op
 from training.synthetic import write_synthetic_dataset
 
 
@@ -69,6 +69,14 @@ def test_nonfinite_loss_stops_naming_step_and_rank(dataset, tmp_path) -> None:
         NonFiniteError, match=r"step 2: non-finite (loss on rank\(s\) \[0\]|gradient norm)"
     ):
         run_worker(job, WorkerIO(0, 1, lambda *a: None))
+
+
+def test_cpu_runs_do_not_build_deepspeeds_shared_memory_op() -> None:
+    """The op serves tensor-parallel inference only; building it cost every fresh venv ~30 s."""
+    from deepspeed.comm.torch import build_shm_op
+
+    skip_cpu_shm_op()
+    assert build_shm_op() is None
 
 
 def test_the_interpreters_ninja_comes_first_on_path(tmp_path) -> None:
