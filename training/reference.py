@@ -177,6 +177,7 @@ def compute_reference(
     import ray
     from ray.data import ActorPoolStrategy
 
+    from data_pipelines.actor_pool import restarts_as_remote_arg
     from training.dpo import PAIR_COLUMNS
 
     out = Path(ref_dir)
@@ -187,23 +188,25 @@ def compute_reference(
     ds = ray.data.read_parquet(sorted(split_of), columns=["row_id", *PAIR_COLUMNS],
                                include_paths=True)  # fmt: skip
     rows = sum(info.rows.values())
-    ds = ds.map_batches(
-        ReferenceLogps,
-        fn_constructor_kwargs={
-            "model": model,
-            "vocab_size": vocab_size,
-            "seed": seed,
-            "precision": precision,
-            "pad_id": pad_id,
-            "device": "cuda" if use_gpu else "cpu",
-            "threads": int(cpus_per_actor),
-        },  # fmt: skip
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=max(1, min(actors, -(-rows // batch_size)))),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-    )
+    with restarts_as_remote_arg():  # a dead actor fails the job; a re-run scores again
+        ds = ds.map_batches(
+            ReferenceLogps,
+            fn_constructor_kwargs={
+                "model": model,
+                "vocab_size": vocab_size,
+                "seed": seed,
+                "precision": precision,
+                "pad_id": pad_id,
+                "device": "cuda" if use_gpu else "cpu",
+                "threads": int(cpus_per_actor),
+            },  # fmt: skip
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=max(1, min(actors, -(-rows // batch_size)))),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=0,
+        )
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     tables = _split_tables(parts, split_of, info)
     _write_atomically(out, tables, {
