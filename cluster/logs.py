@@ -33,6 +33,10 @@ LOG_NAME = "raylm.log"
 LIBRARY_LOGGERS = ("ray", "DeepSpeed", "deepspeed", "transformers", "torch", "peft", "filelock",
                    "urllib3", "httpx", "py.warnings")  # fmt: skip
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers that get a console handler after raylm set up the file (DeepSpeed's when first imported,
+# Ray Serve's on `import ray.serve`, which a command may do late): a logger filter sends their
+# records to the file alone, whatever handlers they gain later.
+SELF_PRINTING = ("DeepSpeed", "ray.serve")
 
 
 def verbose_requested(flag: bool = False) -> bool:
@@ -80,11 +84,10 @@ def _quiet_libraries(file_handler: logging.Handler) -> None:
             logger.removeHandler(h)
         if consoles:
             logger.propagate = True
-    # DeepSpeed adds its stdout handler when first imported (and logs its accelerator then): a
-    # logger filter set now outlives that, and sends its records to the file alone.
-    ds = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _ToFileOnly) for f in ds.filters):
-        ds.addFilter(_ToFileOnly(file_handler))
+    for name in SELF_PRINTING:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToFileOnly) for f in logger.filters):
+            logger.addFilter(_ToFileOnly(file_handler))
 
 
 def _quiet_progress_bars() -> None:
@@ -184,6 +187,7 @@ def console_logs(log_dir: str | Path | None, verbose: bool = False) -> Iterator[
         for h in saved[1]:
             root.addHandler(h)
         root.setLevel(saved[0])
-        for f in list(logging.getLogger("DeepSpeed").filters):
-            if isinstance(f, _ToFileOnly):
-                logging.getLogger("DeepSpeed").removeFilter(f)
+        for name in SELF_PRINTING:
+            logger = logging.getLogger(name)
+            for f in [f for f in logger.filters if isinstance(f, _ToFileOnly)]:
+                logger.removeFilter(f)
