@@ -11,7 +11,6 @@ finished training run, an export of the newest checkpoint) instead of redoing th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -318,9 +317,7 @@ def _chat(url: str, model: str, prompt: str) -> dict[str, Any]:
 
 def _serve(cfg: RaylmConfig, out: Outcome) -> str:
     """Deploy the fine-tuned export on Ray Serve, ask one chat question over HTTP, shut down."""
-    from ray import serve
-
-    from serving.deployment import start
+    from serving.deployment import start, stop
 
     corpus = out.workdir / "corpus" / "sft" / "heldout" / "sentiment.jsonl"
     question = json.loads(corpus.read_text().splitlines()[0])
@@ -330,10 +327,9 @@ def _serve(cfg: RaylmConfig, out: Outcome) -> str:
         reply = _chat(url, cfg.serve.models[0].name, question["messages"][0]["content"])
     finally:
         # Also after a failed start: a Serve left behind keeps its proxy's port for later apps.
-        with contextlib.suppress(Exception):
-            serve.delete(cfg.serve.app_name)
-        if not serve.status().applications:  # on a shared cluster, other apps keep Serve up
-            serve.shutdown()
+        # One call (Serve's shutdown, or the app's delete when other apps run): a delete and then
+        # a shutdown left Ray printing a failed graceful_shutdown task on the console.
+        stop(cfg.serve)
     choice = reply["choices"][0]
     out.answer = {"url": url, "question": question["messages"][0]["content"],
                   "reference": question["reference"], "answer": choice["message"]["content"],

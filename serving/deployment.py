@@ -39,6 +39,7 @@ __all__ = [
     "load_serve_config",
     "serve_forever",
     "start",
+    "stop",
 ]
 
 log = logging.getLogger("raylm.serving.deployment")
@@ -343,7 +344,7 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}{prefix}/v1"
 
 
-def _stop(cfg: ServeConfig) -> None:
+def stop(cfg: ServeConfig) -> None:
     """Remove this endpoint's app; shut Serve down with it when no other app runs on Serve.
 
     Runs in ``finally``: it logs instead of raising, so a deploy error is never replaced by a
@@ -378,4 +379,4 @@ def serve_forever(cfg: ServeConfig, poll_s: float = 1.0) -> None:
         while True:
             time.sleep(poll_s)
     finally:
-        _stop(cfg)
+        stop(cfg)
