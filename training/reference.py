@@ -202,7 +202,11 @@ def compute_reference(
             },  # fmt: skip
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=max(1, min(actors, -(-rows // batch_size)))),
+            # From 1 actor up: the pairs may arrive as one block, which one actor scores
+            # (a fixed pool of 2 started an idle actor, and Ray Data warned on the console).
+            compute=ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(actors, -(-rows // batch_size)))
+            ),
             num_cpus=cpus_per_actor,
             num_gpus=1 if use_gpu else 0,
             max_restarts=0,
