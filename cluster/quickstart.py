@@ -327,8 +327,8 @@ def _serve(cfg: RaylmConfig, out: Outcome) -> str:
         reply = _chat(url, cfg.serve.models[0].name, question["messages"][0]["content"])
     finally:
         # Also after a failed start: a Serve left behind keeps its proxy's port for later apps.
-        # One call (Serve's shutdown, or the app's delete when other apps run): a delete and then
-        # a shutdown left Ray printing a failed graceful_shutdown task on the console.
+        # One call, as `raylm serve` makes: Serve's shutdown, or the app's delete when other apps
+        # run on the same Serve.
         stop(cfg.serve)
     choice = reply["choices"][0]
     out.answer = {"url": url, "question": question["messages"][0]["content"],
