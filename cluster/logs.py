@@ -2,8 +2,9 @@
 
 Every command that starts or joins Ray (:func:`cluster.ray_env.ray_session`) writes one log file,
 ``raylm.log`` in its run or output dir, and prints its path once. Into it go every Python log record
-of the driver (Ray, Ray Data, Ray Train, DeepSpeed, transformers, raylm) and every line Ray forwards
-from the workers (``log_to_driver``), each with its ``(actor pid=…)`` prefix. The console keeps:
+of the driver (Ray, Ray Data, Ray Train, DeepSpeed, transformers, raylm), every line Ray forwards
+from the workers (``log_to_driver``), each with its ``(actor pid=…)`` prefix, and the raylet's
+messages Ray's error channel prints. The console keeps:
 the driver's raylm warnings and errors (``cluster``, ``training``, ``data_pipelines``, ``serving``
 loggers), the progress bars and summaries the commands print, and raylm's own warnings from the workers, which
 workers mark with ``training.observe.WORKER_MARK`` (``mark_worker_warnings``).
@@ -25,7 +26,8 @@ from typing import Any
 
 from training.observe import RAYLM_LOGGERS, WORKER_MARK
 
-__all__ = ["LOG_NAME", "LogSetup", "console_logs", "route_worker_lines", "verbose_requested"]
+__all__ = ["LOG_NAME", "LogSetup", "console_logs", "restore_ray_printing", "route_worker_lines",
+           "verbose_requested"]  # fmt: skip
 
 LOG_NAME = "raylm.log"
 # Libraries whose loggers bring their own console handlers (or print at import, like DeepSpeed's
@@ -118,13 +120,41 @@ class _WorkerLines:
         self.file.flush()
 
 
+class _RayletLines:
+    """Stands in for ``ray._private.worker.print_to_stdstream``, which Ray's error-channel thread
+    (``listen_error_messages``) calls directly, past the dispatcher, for the raylet's messages (a
+    Serve controller's ``graceful_shutdown`` task reported failed at every Serve shutdown, more
+    workers starting than the startup concurrency): to the file, as the workers' lines."""
+
+    def __init__(self, lines: _WorkerLines, original: Any) -> None:
+        self.lines, self.original = lines, original
+
+    def __call__(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        self.lines(data)
+
+
 def route_worker_lines(file_handler: logging.FileHandler) -> None:
-    """After ``ray.init(log_to_driver=True)``: workers' lines go through :class:`_WorkerLines`."""
+    """After ``ray.init(log_to_driver=True)``: workers' lines go through :class:`_WorkerLines`,
+    and the raylet's through :class:`_RayletLines`, until :func:`restore_ray_printing`."""
+    from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    lines = _WorkerLines(file_handler)
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("raylm_worker_lines")
-    dispatcher.add_handler("raylm_worker_lines", _WorkerLines(file_handler))
+    dispatcher.add_handler("raylm_worker_lines", lines)
+    current = ray_worker.print_to_stdstream
+    original = current.original if isinstance(current, _RayletLines) else current
+    ray_worker.print_to_stdstream = _RayletLines(lines, original)
+
+
+def restore_ray_printing() -> None:
+    """Ray's own ``print_to_stdstream`` back (the worker lines' dispatcher handler stays raylm's:
+    ``ray.shutdown`` ends its thread)."""
+    ray_worker = sys.modules.get("ray._private.worker")
+    current = getattr(ray_worker, "print_to_stdstream", None)
+    if isinstance(current, _RayletLines):
+        ray_worker.print_to_stdstream = current.original
 
 
 @dataclass
@@ -181,6 +211,7 @@ def console_logs(log_dir: str | Path | None, verbose: bool = False) -> Iterator[
     try:
         yield LogSetup(path, file_handler, verbose)
     finally:
+        restore_ray_printing()
         for h in added:
             root.removeHandler(h)
             h.close()
