@@ -24,6 +24,7 @@ DPO_STEPS = 50  # train.max_steps of configs/quickstart_dpo.yaml
 # What DPO may cost each SFT task, in points (the preference-tuning issue's limit). Measured on 2
 # cores: sentiment 99.5 -> 99.5, qa token F1 12.5 -> 10.5, rewrite chrF 97.9 -> 97.5.
 TASK_SLACK = 2.0 + 1e-6  # 1e-6: scores are means of 200 floats
+QUICKSTART_NUMBERS = Path(__file__).with_name("quickstart_numbers.json")
 
 
 def _free_port() -> int:
@@ -59,6 +60,24 @@ def _eval(workdir: Path, which: str) -> dict:
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def quickstart_numbers(workdir: Path, runs: dict[str, str]) -> dict:
+    """What a quickstart run measured: each training run's logged losses and eval losses, and each
+    export's eval (task metrics, perplexities, preference metrics). ``runs``: stage -> run dir."""
+    out: dict = {}
+    for stage, run in sorted(runs.items()):
+        rows = _rows(Path(run) / "metrics.jsonl")
+        out[f"{stage} losses"] = [r["loss"] for r in rows if "loss" in r]
+        out[f"{stage} eval losses"] = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    for which in ("pretrain", "sft", "dpo"):
+        report = json.loads((workdir / "eval" / which / "eval.json").read_text())
+        out[f"{which} eval"] = {
+            "tasks": {t["task"]: t["metrics"] for t in report["tasks"]},
+            "perplexity": [p["perplexity"] for p in report["perplexity"]],
+            "preference": [p["metrics"] for p in report["preference"]],
+        }
+    return out
 
 
 def test_data_and_training_stages_meet_their_contracts(quickstart) -> None:
@@ -131,6 +150,38 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
     for task, metric in (("sentiment", "accuracy"), ("qa", "token_f1"), ("rewrite", "chrf")):
         assert dpo[task]["metrics"][metric] >= sft[task]["metrics"][metric] - TASK_SLACK, task
     assert "win rate" in summary["numbers"]["preference"]
+
+
+def test_numbers_are_those_of_the_recorded_run(quickstart) -> None:
+    """The same numbers on every run, against a full `raylm quickstart` run recorded in
+    QUICKSTART_NUMBERS: every logged training and eval loss to 1e-6 (the workers run 1 torch
+    thread each, in their own processes); the evals, which run in this process with whatever
+    thread count earlier tests left, as printed (scores to 0.05 points, perplexities to 1e-3).
+    After a deliberate recipe change, write the new run's numbers there (the failure shows them)."""
+    workdir, summary = quickstart
+    runs = {k[: -len(" run")]: v for k, v in summary["artifacts"].items() if k.endswith(" run")}
+    got = quickstart_numbers(workdir, runs)
+    want = json.loads(QUICKSTART_NUMBERS.read_text())
+    flat_got, flat_want = _flat(got), _flat(want)
+    assert sorted(flat_got) == sorted(flat_want), json.dumps(got)
+    for key, value in flat_want.items():
+        if "eval/" not in key:  # training: losses and eval losses
+            tolerance = {"rel": 1e-6, "abs": 1e-9}
+        elif "/perplexity/" in key:
+            tolerance = {"rel": 1e-3}
+        else:
+            tolerance = {"abs": 0.05}
+        assert flat_got[key] == pytest.approx(value, **tolerance), (key, json.dumps(got))
+
+
+def _flat(value, key: str = "") -> dict[str, float]:
+    if isinstance(value, dict):
+        return {
+            k: v for name, item in value.items() for k, v in _flat(item, f"{key}{name}/").items()
+        }
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}{i}/").items()}
+    return {key.rstrip("/"): value}
 
 
 def test_chat_answer_over_http_ends_with_stop(quickstart) -> None:
