@@ -188,29 +188,15 @@ def compute_reference(
     ds = ray.data.read_parquet(sorted(split_of), columns=["row_id", *PAIR_COLUMNS],
                                include_paths=True)  # fmt: skip
     rows = sum(info.rows.values())
-    with restarts_as_remote_arg():  # a dead actor fails the job; a re-run scores again
-        ds = ds.map_batches(
-            ReferenceLogps,
-            fn_constructor_kwargs={
-                "model": model,
-                "vocab_size": vocab_size,
-                "seed": seed,
-                "precision": precision,
-                "pad_id": pad_id,
-                "device": "cuda" if use_gpu else "cpu",
-                "threads": int(cpus_per_actor),
-            },  # fmt: skip
-            batch_size=batch_size,
-            batch_format="numpy",
-            # From 1 actor up: the pairs may arrive as one block, which one actor scores
-            # (a fixed pool of 2 started an idle actor, and Ray Data warned on the console).
-            compute=ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(actors, -(-rows // batch_size)))
-            ),
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if use_gpu else 0,
-            max_restarts=0,
-        )
+    scorer = {"model": model, "vocab_size": vocab_size, "seed": seed, "precision": precision,
+              "pad_id": pad_id, "device": "cuda" if use_gpu else "cpu",
+              "threads": int(cpus_per_actor)}  # fmt: skip
+    # From 1 actor up (the pairs may come as one block); a dead actor fails the job.
+    pool = ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, -(-rows // batch_size))))
+    with restarts_as_remote_arg():
+        ds = ds.map_batches(ReferenceLogps, fn_constructor_kwargs=scorer, batch_size=batch_size,
+                            batch_format="numpy", compute=pool, num_cpus=cpus_per_actor,
+                            num_gpus=1 if use_gpu else 0, max_restarts=0)  # fmt: skip
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     tables = _split_tables(parts, split_of, info)
     _write_atomically(out, tables, {
