@@ -328,7 +328,8 @@ def _dataset_perplexity_on_ray(plan: EvalPlan, data: Any) -> dict[str, Any]:
     # blocks of one batch each, so every actor gets work whatever the file count
     ds = ds.repartition(target_num_rows_per_block=plan.cfg.batch_size)
     ctor = {"model_dir": str(plan.model_dir), "dtype": plan.dtype, "device": plan.device,
-            "pad_id": info.pad_token_id, "vocab": plan.vocab_size, "where": f"{data.key}: {data.path}"}  # fmt: skip
+            "pad_id": info.pad_token_id, "vocab": plan.vocab_size,
+            "where": f"{data.key}: {data.path}"}  # fmt: skip
     with restarts_as_remote_arg():
         sums = ds.map_batches(PerplexityActor, fn_constructor_kwargs=ctor,
                               batch_size=plan.cfg.batch_size, num_cpus=plan.cfg.actor_cpus,

@@ -40,9 +40,7 @@ def test_loop_runs_without_ray_and_reports(dataset, tmp_path, reporter_deletes) 
     def report(metrics, checkpoint_dir, step, dir_name=None):
         reports.append((step, checkpoint_dir is not None))
         if checkpoint_dir is not None:
-            assert (
-                checkpoint_dir / "integrity" / "rank_0.json"
-            ).is_file()  # complete when reported
+            assert (checkpoint_dir / "integrity" / "rank_0.json").is_file(), "reported incomplete"
             staged.append(checkpoint_dir)
 
     staging, run = tmp_path / "staging", tmp_path / "run"
