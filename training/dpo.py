@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipelines.writer import PREFERENCE_COLUMNS
-from training.batch import IGNORE_INDEX, LOSS_CHUNK_TOKENS, forward_packed
+from training.batch import IGNORE_INDEX, LOSS_CHUNK_TOKENS, chunked_sum, forward_packed
 
 __all__ = [
     "PAIR_COLUMNS",
@@ -101,25 +101,17 @@ def sequence_logps(
     logits (rows, L, vocab) any float dtype, labels (rows, L) with -100 where no loss (HF
     convention: logits[:, t] predicts labels[:, t+1]). Returns (rows,) fp32 log-probs and (rows,)
     int64 counts, on the logits' device. Chunked over positions like ``token_loss`` (each chunk
-    recomputed in backward), so no fp32 copy of all the logits is held at once.
+    recomputed in backward: ``training.batch.chunked_sum``), so no fp32 copy of all the logits is
+    held at once.
     """
     targets = labels[:, 1:]
     counts = (targets != IGNORE_INDEX).sum(dim=-1)
     seq = targets.shape[1]
     if logits.shape[0] * seq <= chunk_tokens:
         return _row_logps(logits[:, :-1], targets), counts
-    from torch.utils.checkpoint import checkpoint
-
-    total = logits.new_zeros(logits.shape[0], dtype=torch.float32)
     step = max(1, chunk_tokens // logits.shape[0])  # positions per chunk, over all rows
-    for start in range(0, seq, step):
-        part = slice(start, min(start + step, seq))
-        chunk, chunk_targets = logits[:, part], targets[:, part]
-        if chunk.requires_grad:
-            total = total + checkpoint(_row_logps, chunk, chunk_targets, use_reentrant=False)
-        else:
-            total = total + _row_logps(chunk, chunk_targets)
-    return total, counts
+    parts = [(slice(None), slice(start, min(start + step, seq))) for start in range(0, seq, step)]
+    return chunked_sum(_row_logps, logits, targets, parts), counts
 
 
 def dpo_losses(

@@ -74,3 +74,39 @@ def test_chunked_loss_equals_whole_and_keeps_less_for_backward() -> None:
     # whole: an fp32 log-softmax of every position (2 x 65 x 32k x 4 B = 16 MB) held for backward
     assert whole[3] >= 2 * (seq - 1) * vocab * 4
     assert chunked[3] < whole[3] / 20
+
+
+def _logits_sized_outputs_in_backward(loss_fn, logits: torch.Tensor) -> int:
+    """How many ops in ``loss_fn(logits)``'s backward make a new tensor the size of the logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.numel() == logits.numel():
+                Count.n += out.untyped_storage().data_ptr() not in inputs  # not a view (detach)
+            return out
+
+    loss = loss_fn(logits)
+    with Count():
+        loss.backward()
+    return Count.n
+
+
+def test_chunked_backward_writes_one_logits_gradient_whatever_the_chunk_count() -> None:
+    """A backward per chunk must not add up a logits-sized gradient per chunk (a fill and an add
+    of the whole logits each: 20% of the quickstart's step, GBs per chunk on a real vocabulary)."""
+    from training.dpo import sequence_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 33, 50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (8, 33), generator=g)
+    chunks = {  # many chunks in each, one logits-sized gradient buffer
+        "token_loss": lambda x: token_loss(x, targets[:, 1:], chunk_tokens=8)[0],
+        "sequence_logps": lambda x: sequence_logps(x, targets, chunk_tokens=16)[0].sum(),
+    }
+    for name, fn in chunks.items():
+        assert _logits_sized_outputs_in_backward(fn, logits) == 1, name
