@@ -32,6 +32,20 @@ class KillAt:
         if step == self.step and rank == self.rank and not marker.exists():
             marker.write_text(str(step))
             os.kill(os.getpid(), self.signum)
+            if self.signum == signal.SIGTERM:
+                _wait_until_seen()
+
+
+def _wait_until_seen(timeout_s: float = 30.0) -> None:
+    """Until the worker's SIGTERM handling has the signal. The kernel hands a signal sent to the
+    process to its main thread, whose C-level handler writes the wakeup byte only once that thread
+    is scheduled: on 2 busy cores the loop's own thread could reach the step's flags first, and the
+    test would see the stop one step later than the step it means."""
+    from training.preempt import _sigterm_seen
+
+    deadline = time.monotonic() + timeout_s
+    while not _sigterm_seen() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 @dataclass
