@@ -1,12 +1,14 @@
 """Training reads: one rank's memory and speed on a prepared dataset of N and of 8N rows.
 
-raylm's reader (``training.data.MixedRows``: a row_id index, the step's row groups decoded, a
-prefetch thread) against the previous one (kept here as ``WholeEpochRows``: the rank's whole epoch
-loaded before step 1), side by side in this script, each side in its own fresh process (peak RSS is
-the process's own), alternating sides and sizes so both see the same background load.
+raylm's reader (``training.data.MixedRows``: a row_id index, the step's rows copied out of the
+memory-mapped Arrow copies, a prefetch thread), the same reader without the Arrow copies
+(``raylm-parquet``: the step's parquet row groups decoded) and the previous reader (kept here as
+``WholeEpochRows``: the rank's whole epoch loaded before step 1), side by side in this script, each
+side in its own fresh process (peak RSS is the process's own), alternating sides and sizes so all
+see the same background load.
 
-The datasets are written by raylm's parquet writer (``data_pipelines.writer.ShardWriter``: the row
-groups `data prepare` writes), random tokens, the same seq_len for both sizes; the rank is rank 0
+The datasets are written by raylm's writer (``data_pipelines.writer.ShardWriter``: the row groups
+and Arrow copies `data prepare` writes), random tokens, the same seq_len for both sizes; the rank is rank 0
 of 8 and reads the same number of steps from both sizes. Printed per (reader, size): time to the
 first step (index build and, for the old reader, the epoch load), steady rows/s over the following
 steps, peak RSS; then the ratios the issue asks for.
@@ -18,6 +20,7 @@ steps, peak RSS; then the ratios the issue asks for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -39,10 +42,10 @@ def write_dataset(out: Path, rows: int, seq_len: int, seed: int = 0) -> Path:
     from data_pipelines.pack import PackedRow
     from data_pipelines.writer import ShardWriter
 
-    if (out / "manifest.json").is_file():
+    if (out / "manifest.json").is_file() and "arrays" in (out / "manifest.json").read_text():
         return out
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(out / "train", rows_per_file=2048, with_labels=False)
+    writer = ShardWriter(out / "train", rows_per_file=2048, with_labels=False, arrow_copy=True)
     pos = np.arange(seq_len, dtype=np.int32)
     for _ in range(rows):
         ids = rng.integers(3, 32000, seq_len, dtype=np.int32)
@@ -50,7 +53,7 @@ def write_dataset(out: Path, rows: int, seq_len: int, seed: int = 0) -> Path:
     writer.close()
     manifest = {"mode": "pretrain", "seq_len": seq_len, "pad_token_id": 0,
                 "splits": {"train": {"rows": writer.rows, "files": writer.files,
-                                     "layout": writer.layout},
+                                     "layout": writer.layout, "arrays": writer.arrays},
                            "validation": {"rows": 0, "files": []}},
                 "tokenizer": {"path": "", "fingerprint": "bench"}}  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -106,7 +109,9 @@ def child(impl: str, dataset: str, steps: int) -> dict:
 
     t0 = time.perf_counter()
     info = dataset_info(dataset)
-    if impl == "raylm":
+    if impl.startswith("raylm"):
+        if impl == "raylm-parquet":
+            info = dataclasses.replace(info, arrays={})
         data = MixedRows([info], [1.0], 0, GLOBAL_ROWS, MICRO, WORLD, 0)
     else:
         data = WholeEpochRows(info, 0, GLOBAL_ROWS, MICRO, WORLD, 0)
@@ -151,7 +156,7 @@ def main() -> None:
             for k, n in sizes.items()}  # fmt: skip
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeat):
-        for impl in ("raylm", "whole-epoch"):
+        for impl in ("raylm", "raylm-parquet", "whole-epoch"):
             for size in sizes:
                 r = run_side(impl, data[size], args.steps)
                 results.setdefault((impl, size), []).append(r)
@@ -159,9 +164,9 @@ def main() -> None:
            for k, v in results.items()}  # fmt: skip
     print(f"one rank of {WORLD}, {GLOBAL_ROWS // WORLD} rows/step, seq_len {args.seq_len}, "
           f"N = {args.rows} rows, {args.steps} steps after the first, median of {args.repeat}")  # fmt: skip
-    print(f"{'reader':12} {'size':4} {'first step s':>12} {'rows/s':>10} {'peak RSS MiB':>13}")
+    print(f"{'reader':14} {'size':4} {'first step s':>12} {'rows/s':>10} {'peak RSS MiB':>13}")
     for (impl, size), m in med.items():
-        print(f"{impl:12} {size:4} {m['first_step_s']:12.2f} {m['rows_per_s']:10.0f} "
+        print(f"{impl:14} {size:4} {m['first_step_s']:12.2f} {m['rows_per_s']:10.0f} "
               f"{m['peak_rss_mib']:13.0f}")  # fmt: skip
     new, old = ("raylm", "N"), ("whole-epoch", "N")
     big = ("raylm", "8N")

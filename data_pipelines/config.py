@@ -158,6 +158,13 @@ class DataConfig(_Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     s3: S3Config = Field(default_factory=S3Config)
     rows_per_file: int = Field(2048, ge=1, description="Rows per output parquet file.")
+    arrow_copy: bool = Field(
+        True,
+        description="Also write each parquet file as an uncompressed Arrow IPC file "
+        "(`part-NNNNN.arrow`), from which training reads each wanted row's bytes alone instead of "
+        "decoding its parquet row group: 25-50x the rows/s, for about twice the disk (the parquet "
+        "is zstd). Without it, training reads the parquet row groups.",
+    )
     num_actors: int = Field(
         2, ge=1, description="Actors that parse, clean, dedup and tokenize shards (one shard each)."
     )

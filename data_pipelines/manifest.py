@@ -88,7 +88,7 @@ def existing_complete_manifest(output: Path, fingerprint: str) -> dict | None:
     if manifest.get("fingerprint") != fingerprint:
         return None
     for split, info in manifest.get("splits", {}).items():
-        for name in info.get("files", []):
+        for name in info.get("files", []) + info.get("arrays", []):
             f = output / split / name
             if not f.is_file() or f.stat().st_size != manifest["file_sizes"].get(f"{split}/{name}"):
                 return None

@@ -327,7 +327,13 @@ def _pack_and_write(ds, cfg: DataConfig, output: Path, pad_id: int, progress: bo
 
     columns = PREFERENCE_COLUMNS if cfg.mode == "preference" else None
     writers = {
-        s: ShardWriter(output / s, cfg.rows_per_file, cfg.mode == "sft", columns=columns)
+        s: ShardWriter(
+            output / s,
+            cfg.rows_per_file,
+            cfg.mode == "sft",
+            columns=columns,
+            arrow_copy=cfg.arrow_copy,
+        )  # fmt: skip
         for s in ("train", "validation")
     }
     if cfg.mode == "sft":
@@ -510,12 +516,20 @@ def _manifest(cfg: DataConfig, plan: Plan, tally: _Tally, writers, tok, pad_id, 
         pad_token_id=pad_id,
         eos_token_id=tok.eos_token_id,
         splits={
-            s: {"rows": w.rows, "tokens": w.tokens, "files": w.files, "layout": w.layout}
+            s: {
+                "rows": w.rows,
+                "tokens": w.tokens,
+                "files": w.files,
+                "layout": w.layout,
+                **({"arrays": w.arrays} if w.arrays else {}),
+            }
             for s, w in writers.items()
-        },
+        },  # fmt: skip
         checksums={f"{s}/{n}": h for s, w in writers.items() for n, h in w.checksums.items()},
         file_sizes={
-            f"{s}/{n}": (output / s / n).stat().st_size for s, w in writers.items() for n in w.files
+            f"{s}/{n}": (output / s / n).stat().st_size
+            for s, w in writers.items()
+            for n in w.files + w.arrays
         },
         tokenizer={
             "path": str(Path(tokenizer_path).resolve()),

@@ -1,6 +1,9 @@
 """Deterministic parquet shard writer: fixed rows per file, fixed schema, fixed options.
 
-Same rows in the same order -> sha256-identical files, which the manifest records.
+Same rows in the same order -> sha256-identical files, which the manifest records. Next to each
+``part-NNNNN.parquet`` it can write ``part-NNNNN.arrow``: the same table as one uncompressed Arrow
+IPC record batch, which training memory-maps and reads any row of without decoding (the parquet
+stays the interchange format: Ray Data, pandas, a user's own tools).
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ class ShardWriter:
         rows_per_file: int,
         with_labels: bool,
         columns: tuple[str, ...] | None = None,
+        arrow_copy: bool = False,
     ):
         self.directory = Path(directory)
+        self.arrow_copy = arrow_copy
+        self.arrays: list[str] = []  # the Arrow copies' names, one per file when arrow_copy
         self.rows_per_file = rows_per_file
         self.columns = columns or _token_columns(with_labels)
         self.schema = row_schema(with_labels, self.columns)
@@ -101,4 +107,10 @@ class ShardWriter:
         self.files.append(name)
         self.layout.append([len(rows), group])
         self.checksums[name] = file_sha256(path)
+        if self.arrow_copy:
+            copy = path.with_suffix(".arrow")
+            with pa.OSFile(str(copy), "wb") as sink, pa.ipc.new_file(sink, self.schema) as ipc:
+                ipc.write_batch(table.combine_chunks().to_batches()[0])
+            self.arrays.append(copy.name)
+            self.checksums[copy.name] = file_sha256(copy)
         self.rows += len(rows)

@@ -21,6 +21,8 @@ its size continues where it stopped next epoch; above its size it repeats only a
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.writer import PREFERENCE_COLUMNS as PAIR_COLUMNS
@@ -47,6 +50,8 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -63,6 +68,7 @@ class DatasetInfo:
     packed: bool = True  # rows may hold several documents (older manifests: assumed)
     mode: str = "pretrain"  # data.mode it was prepared with: pretrain, sft or preference
     layouts: dict[str, list[list[int]]] = field(default_factory=dict)  # split -> [rows, group rows]
+    arrays: dict[str, list[str]] = field(default_factory=dict)  # split -> absolute Arrow copies
 
 
 def _split_files(root: Path, split: str, manifest: dict) -> list[str]:
@@ -101,6 +107,11 @@ def dataset_info(path: str, key: str = "train.datasets") -> DatasetInfo:
             s: splits[s]["layout"]
             for s in ("train", "validation")
             if splits.get(s, {}).get("layout")
+        },  # fmt: skip
+        arrays={
+            s: [str(root / s / n) for n in splits[s]["arrays"]]
+            for s in ("train", "validation")
+            if splits.get(s, {}).get("arrays")
         },  # fmt: skip
     )
 
@@ -198,14 +209,89 @@ def _list_matrix(col: Any) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class _ArrowCopy:
+    """One file's Arrow copy (``data prepare``'s ``part-NNNNN.arrow``: one uncompressed record
+    batch), whose rows are read with ``pread`` at their buffers' offsets in the file: no decoding,
+    only the wanted rows' bytes read, nothing mapped into the process (the OS's page cache keeps
+    what was read, shared by every rank of a node)."""
+
+    def __init__(self, path: str, columns: list[str], ragged: bool):
+        source = pa.memory_map(path)  # to find the buffers' offsets: only the metadata is read
+        try:
+            ipc = pa.ipc.open_file(source)
+            if ipc.num_record_batches != 1:
+                raise TrainConfigError(f"{path}: {ipc.num_record_batches} record batches where "
+                                       "data prepare writes one (delete it to read the parquet)")  # fmt: skip
+            batch = ipc.get_batch(0)
+            source.seek(0)
+            base = source.read_buffer(1).address
+            # column -> (values offset in the file, row offsets (rows + 1,) int32); row_id is
+            # read whole (8 bytes a row): it says which row a read returned
+            self.where: dict[str, tuple[int, np.ndarray]] = {}
+            for c in columns:
+                col = batch.column(c)
+                if col.null_count or col.offset:
+                    raise TrainConfigError(f"{path}: column {c} is not as data prepare writes it")
+                if c == "row_id":
+                    self.row_ids = col.to_numpy().copy()
+                else:
+                    offsets = col.offsets.to_numpy().copy()
+                    self.where[c] = (col.buffers()[3].address - base, offsets)
+        finally:
+            source.close()
+        self.path, self.ragged = path, ragged
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _read(self, buf: Any, offset: int) -> None:
+        if os.preadv(self.fd, [buf], offset) != memoryview(buf).nbytes:
+            raise TrainConfigError(f"{self.path}: truncated (re-run `raylm data prepare`)")
+
+    def empty(self, n: int) -> dict[str, np.ndarray]:
+        """Arrays for ``n`` rows of every column, for :meth:`read_row` to fill."""
+        out: dict[str, np.ndarray] = {"row_id": np.empty(n, dtype=np.int64)}
+        for c, (_, offsets) in self.where.items():
+            if self.ragged:
+                out[c] = np.empty(n, dtype=object)
+            else:
+                out[c] = np.empty((n, int(offsets[1] - offsets[0])), dtype=np.int32)
+        return out
+
+    def read_row(self, row: int, out: dict[str, np.ndarray], i: int) -> None:
+        """Row ``row`` of this file into ``out[column][i]``: one pread per list column, straight
+        into the array for fixed-width ones."""
+        out["row_id"][i] = self.row_ids[row]
+        for c, (values, offsets) in self.where.items():
+            start, end = int(offsets[row]), int(offsets[row + 1])
+            if self.ragged:
+                out[c][i] = np.empty(end - start, dtype=np.int32)
+                self._read(out[c][i], values + 4 * start)
+            elif end - start != out[c].shape[1]:
+                raise TrainConfigError(f"{self.path}: {c} rows of {end - start} tokens where "
+                                       f"the dataset's have {out[c].shape[1]}")  # fmt: skip
+            else:
+                self._read(out[c][i], values + 4 * start)
+
+
 class _SplitReader:
     """Rows of one dataset split, addressed by position in ascending row_id order, read per step.
 
     Where a row lives comes from the manifest's ``layout`` (rows and rows per row group of each
     file, row_ids running on from file to file): nothing is read up front. Outputs without one
-    are indexed from each file's ``row_id`` column and footer (8 bytes per row). A read decodes
-    just the row groups holding the wanted rows, keeping the last few decoded (``cache_groups``),
-    so memory does not grow with the dataset; ``data prepare`` writes row groups of about 256 KB.
+    are indexed from each file's ``row_id`` column and footer (8 bytes per row).
+
+    With the files' Arrow copies (``arrays``, written by ``data prepare`` unless
+    ``data.arrow_copy`` is off), a read ``pread``s just the wanted rows' bytes (:class:`_ArrowCopy`).
+    Otherwise a read decodes just the parquet row groups holding the wanted rows, keeping the last few decoded
+    (``cache_groups``); ``data prepare`` writes row groups of about 256 KB. Either way memory does
+    not grow with the dataset.
 
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
     SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
@@ -223,6 +309,8 @@ class _SplitReader:
         layout: list[list[int]] | None = None,
         cache_groups: int = 16,
         extra: dict[str, np.ndarray] | None = None,
+        arrays: list[str] | None = None,
+        cache_files: int = 64,
     ):
         self.paths = files
         self.ragged = any(c in PAIR_COLUMNS for c in columns)
@@ -242,6 +330,13 @@ class _SplitReader:
             self._index_from_files()
         self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_groups = cache_groups
+        self.arrays = arrays if layout and arrays and len(arrays) == len(files) else None
+        if self.arrays and not all(Path(a).is_file() for a in self.arrays):
+            log.warning("%s: Arrow copies listed in the manifest are missing; reading the "
+                        "parquet files instead", Path(files[0]).parent)  # fmt: skip
+            self.arrays = None
+        self._copies: OrderedDict[int, _ArrowCopy] = OrderedDict()
+        self._cache_files = cache_files
         self._lock = threading.Lock()  # the prefetch thread and eval may read concurrently
         for name, values in self.extra.items():
             if len(values) != self._size:
@@ -297,19 +392,44 @@ class _SplitReader:
             self._cache.popitem(last=False)
         return out
 
-    def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows at ``positions`` (any order, repeats allowed), each row group decoded once."""
-        positions = np.asarray(positions, dtype=np.int64)
+    def _copy(self, file: int) -> _ArrowCopy:
+        """The file's Arrow copy, opened once; the last ``cache_files`` stay open."""
+        if file in self._copies:
+            self._copies.move_to_end(file)
+            return self._copies[file]
+        self._copies[file] = _ArrowCopy(self.arrays[file], self.columns, self.ragged)  # type: ignore[index]
+        if len(self._copies) > self._cache_files:
+            self._copies.popitem(last=False)[1].close()
+        return self._copies[file]
+
+    def _copied_rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows at ``positions`` from the Arrow copies, row by row."""
+        files = np.searchsorted(self._starts, positions, side="right") - 1
+        in_file = positions - self._starts[files]
+        out: dict[str, np.ndarray] = {}
+        for i, (f, row) in enumerate(zip(files.tolist(), in_file.tolist(), strict=True)):
+            copy = self._copy(f)
+            out = out or copy.empty(len(positions))
+            copy.read_row(row, out, i)
+        return out
+
+    def _decoded_rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows at ``positions`` from the parquet files, each row group decoded once."""
         files, groups, rows = self._locate(positions)
         out: dict[str, np.ndarray] = {}
+        for f, g in sorted(set(zip(files.tolist(), groups.tolist(), strict=True))):
+            hit = (files == f) & (groups == g)
+            for c, arr in self._decoded(f, g).items():
+                if c not in out:
+                    out[c] = np.zeros((len(positions),) + arr.shape[1:], dtype=arr.dtype)
+                out[c][hit] = arr[rows[hit]]
+        return out
+
+    def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows at ``positions`` (any order, repeats allowed)."""
+        positions = np.asarray(positions, dtype=np.int64)
         with self._lock:
-            for f, g in sorted(set(zip(files.tolist(), groups.tolist(), strict=True))):
-                hit = (files == f) & (groups == g)
-                part = self._decoded(f, g)
-                for c, arr in part.items():
-                    if c not in out:
-                        out[c] = np.zeros((len(positions),) + arr.shape[1:], dtype=arr.dtype)
-                    out[c][hit] = arr[rows[hit]]
+            out = self._copied_rows(positions) if self.arrays else self._decoded_rows(positions)
         if self.fill_labels:
             out["labels"] = out["input_ids"].copy()
         for name, values in self.extra.items():
@@ -336,7 +456,8 @@ def _reader(
         from training.reference import read_reference
 
         extra = read_reference(reference, split)
-    return _SplitReader(info.files[split], columns, info.layouts.get(split), extra=extra)
+    return _SplitReader(info.files[split], columns, info.layouts.get(split), extra=extra,
+                        arrays=info.arrays.get(split))  # fmt: skip
 
 
 class MixedRows:

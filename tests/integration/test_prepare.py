@@ -14,6 +14,7 @@ import pytest
 
 from data_pipelines.clean import content_hash, is_validation, normalize_text
 from data_pipelines.errors import DataError
+from data_pipelines.manifest import existing_complete_manifest
 from data_pipelines.pack import IGNORE_INDEX
 from data_pipelines.tokenize import load_tokenizer
 from tests.conftest import assistant_spans, prepare_data
@@ -197,6 +198,9 @@ def test_output_is_identical_across_actors_blocks_and_shard_order(
     assert not again.skipped
     assert again.manifest["checksums"] == prepared_pretrain.manifest["checksums"]
     assert len(again.manifest["checksums"]) > 2
+    train = again.manifest["splits"]["train"]  # each parquet file's Arrow copy, checksummed too
+    assert train["arrays"] == [n.replace(".parquet", ".arrow") for n in train["files"]]
+    assert {f"train/{n}" for n in train["arrays"]} <= set(again.manifest["checksums"])
     assert again.manifest["fingerprint"] == prepared_pretrain.manifest["fingerprint"]
 
 
@@ -249,6 +253,9 @@ def test_rerun_skips_only_a_complete_identical_output(
     # a partial output (one shard gone) is rebuilt, to the same bytes
     copy = tmp_path / "partial"
     shutil.copytree(prepared_pretrain.output, copy)
+    assert existing_complete_manifest(copy, same.manifest["fingerprint"])
+    (copy / "train" / "part-00000.arrow").unlink()  # an Arrow copy missing: not complete either
+    assert not existing_complete_manifest(copy, same.manifest["fingerprint"])
     (copy / "train" / "part-00001.parquet").unlink()
     rebuilt = prepare_data(tokenizer_dir, output=str(copy), **kwargs)
     assert not rebuilt.skipped

@@ -164,9 +164,10 @@ def test_a_dataset_whose_mode_does_not_fit_the_task_is_refused(tmp_path, task, m
         plan_job(cfg)
 
 
-def test_layout_index_reads_the_same_rows_as_the_row_id_index(tmp_path) -> None:
-    """A `data prepare`-style output read through its manifest layout (nothing read up front)
-    gives the rows the row_id-column index gives, for training steps and validation."""
+def test_layout_index_and_arrow_copies_read_the_same_rows_as_the_row_id_index(tmp_path) -> None:
+    """A `data prepare`-style output read through its memory-mapped Arrow copies, or through its
+    manifest layout and parquet row groups (nothing read up front either way), gives the rows the
+    row_id-column index gives, for training steps and validation."""
     import json
 
     from data_pipelines.pack import PackedRow
@@ -176,27 +177,72 @@ def test_layout_index_reads_the_same_rows_as_the_row_id_index(tmp_path) -> None:
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", 300), ("validation", 40)):
-        w = ShardWriter(tmp_path / "ds" / split, rows_per_file=70, with_labels=False)
+        w = ShardWriter(tmp_path / "ds" / split, rows_per_file=70, with_labels=False,
+                        arrow_copy=True)  # fmt: skip
         for _ in range(n):
             ids = rng.integers(0, 1000, 2048, dtype=np.int32)
             w.add(PackedRow(ids, np.arange(2048, dtype=np.int32), None, 2048))
         w.close()
         assert all(g < r for r, g in w.layout[:-1])  # several row groups per file
-        splits[split] = {"rows": w.rows, "files": w.files, "layout": w.layout}
+        assert len(w.arrays) == len(w.files) and set(w.checksums) == {*w.files, *w.arrays}
+        splits[split] = {"rows": w.rows, "files": w.files, "layout": w.layout, "arrays": w.arrays}
     manifest = {"mode": "pretrain", "seq_len": 2048, "splits": splits, "tokenizer": {}}
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
-    with_layout = dataset_info(str(tmp_path / "ds"))
-    assert with_layout.layouts["train"] == splits["train"]["layout"]
+    mapped = dataset_info(str(tmp_path / "ds"))
+    assert mapped.layouts["train"] == splits["train"]["layout"]
+    assert [Path(p).name for p in mapped.arrays["train"]] == splits["train"]["arrays"]
+    with_layout = dataclasses.replace(mapped, arrays={})
     without = dataclasses.replace(with_layout, layouts={})
-    runs = [
-        list(MixedRows([i], [1.0], 3, 16, 4, 2, 1).iter_steps(0, 9)) for i in (with_layout, without)
-    ]
-    for a, b in zip(*runs, strict=True):
-        for mb_a, mb_b in zip(a, b, strict=True):
-            for c in mb_a:
-                np.testing.assert_array_equal(mb_a[c], mb_b[c])
-    va, vb = (validation_batches([i], 4, 2, 1, 3) for i in (with_layout, without))
-    assert len(va) == len(vb) == 3
-    for mb_a, mb_b in zip(va, vb, strict=True):
-        np.testing.assert_array_equal(mb_a["row_id"], mb_b["row_id"])
-        np.testing.assert_array_equal(mb_a["input_ids"], mb_b["input_ids"])
+    readers = (mapped, with_layout, without)
+    assert MixedRows([mapped], [1.0], 3, 16, 4, 2, 1).readers[0].arrays
+    runs = [list(MixedRows([i], [1.0], 3, 16, 4, 2, 1).iter_steps(0, 9)) for i in readers]
+    for steps in zip(*runs, strict=True):
+        for mbs in zip(*steps, strict=True):
+            for c in mbs[0]:
+                for other in mbs[1:]:
+                    np.testing.assert_array_equal(mbs[0][c], other[c])
+    vals = [validation_batches([i], 4, 2, 1, 3) for i in readers]
+    assert [len(v) for v in vals] == [3, 3, 3]
+    for mbs in zip(*vals, strict=True):
+        for other in mbs[1:]:
+            np.testing.assert_array_equal(mbs[0]["row_id"], other["row_id"])
+            np.testing.assert_array_equal(mbs[0]["input_ids"], other["input_ids"])
+
+
+def test_ragged_preference_rows_read_alike_from_arrow_copies_and_parquet(tmp_path, caplog) -> None:
+    """Pairs of any length come back as the same int32 arrays from the memory-mapped Arrow copies
+    as from the parquet; a dataset whose listed copies are gone is read from its parquet, with a
+    warning naming it."""
+    from data_pipelines.pack import PairRow
+    from data_pipelines.writer import PREFERENCE_COLUMNS, ShardWriter
+    from training.data import _SplitReader
+
+    rng = np.random.default_rng(1)
+    w = ShardWriter(tmp_path / "train", rows_per_file=30, with_labels=False,
+                    columns=PREFERENCE_COLUMNS, arrow_copy=True)  # fmt: skip
+    for _ in range(100):
+        a, b = rng.integers(1, 40, 2)
+        w.add(PairRow(*(rng.integers(0, 99, n, dtype=np.int32) for n in (a, a, b, b))))
+    w.close()
+    files = [str(tmp_path / "train" / n) for n in w.files]
+    arrays = [str(tmp_path / "train" / n) for n in w.arrays]
+    columns = ["row_id", *PREFERENCE_COLUMNS]
+    mapped = _SplitReader(files, columns, w.layout, arrays=arrays)
+    parquet = _SplitReader(files, columns, w.layout)
+    positions = rng.permutation(100)[:37]
+    got, want = mapped.read(positions), parquet.read(positions)
+    np.testing.assert_array_equal(got["row_id"], positions)
+    for c in PREFERENCE_COLUMNS:
+        assert len(got[c]) == len(want[c]) == 37
+        for x, y in zip(got[c], want[c], strict=True):
+            assert x.dtype == np.int32
+            np.testing.assert_array_equal(x, y)
+    Path(arrays[1]).unlink()
+    with caplog.at_level("WARNING", logger="training.data"):
+        fallback = _SplitReader(files, columns, w.layout, arrays=arrays)
+    assert (
+        fallback.arrays is None and "Arrow copies listed in the manifest are missing" in caplog.text
+    )
+    np.testing.assert_array_equal(
+        fallback.read(positions)["chosen_input_ids"][3], want["chosen_input_ids"][3]
+    )
