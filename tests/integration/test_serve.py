@@ -88,6 +88,7 @@ def served(ray_local, tiny_model_dir, tmp_path_factory):
         api_keys_file=str(tmp / "keys"),
         max_models_per_replica=2,
         direct_ingress=True,  # the proxy keeps serving `port`; the replica also answers itself
+        graceful_shutdown_timeout_s=1,  # teardown: nothing left to finish
     )
     try:
         url = start(cfg)
