@@ -128,19 +128,24 @@ class ReferenceLogps:
     Input columns: ``row_id``, the pair columns (ragged int lists) and ``path``; output: ``row_id``,
     ``path``, ``chosen_logp`` and ``rejected_logp`` (float64 holding fp32 sums over the answer
     tokens, as ``training.dpo.reference_logps`` gives them in a worker).
+
+    It takes whole blocks and scores them ``batch_size`` rows at a time itself, in (path, row_id)
+    order: a pair's log-prob depends (~1e-5) on the padding of the batch it is scored in, and Ray
+    Data's own batches span blocks (and a block joins files) in whatever order they arrive, so the
+    log-probs differed from run to run.
     """
 
     def __init__(self, model: dict[str, Any], vocab_size: int, seed: int, precision: str,
-                 pad_id: int, device: str = "cpu", threads: int = 1) -> None:  # fmt: skip
+                 pad_id: int, batch_size: int, device: str = "cpu", threads: int = 1) -> None:  # fmt: skip
         import torch
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.device, self.pad_id = device, pad_id
+        self.device, self.pad_id, self.batch_size = device, pad_id, batch_size
         self.model = load_reference_model(model, vocab_size, seed, precision).to(device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _score(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from training.dpo import collate_pairs, reference_logps
@@ -149,11 +154,20 @@ class ReferenceLogps:
         t = {k: torch.from_numpy(cols[k]).to(self.device)
              for k in ("input_ids", "position_ids", "labels")}  # fmt: skip
         chosen, rejected = reference_logps(self.model, t)
-        out = {"row_id": np.asarray(batch["row_id"], dtype=np.int64),
-               "chosen_logp": chosen.double().cpu().numpy(),
-               "rejected_logp": rejected.double().cpu().numpy()}  # fmt: skip
-        if "path" in batch:
-            out["path"] = np.asarray(batch["path"], dtype=object)
+        return chosen.double().cpu().numpy(), rejected.double().cpu().numpy()
+
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(block["row_id"])
+        if "path" in block:  # the files' rows in file order, however the block joined them
+            order = np.lexsort((block["row_id"], np.asarray(block["path"], dtype=str)))
+            block = {k: v[order] for k, v in block.items()}
+        scored = [self._score({k: v[i : i + self.batch_size] for k, v in block.items()})
+                  for i in range(0, n, self.batch_size)]  # fmt: skip
+        out = {"row_id": np.asarray(block["row_id"], dtype=np.int64),
+               "chosen_logp": np.concatenate([c for c, _ in scored]) if n else np.zeros(0),
+               "rejected_logp": np.concatenate([r for _, r in scored]) if n else np.zeros(0)}  # fmt: skip
+        if "path" in block:
+            out["path"] = np.asarray(block["path"], dtype=object)
         return out
 
 
@@ -185,16 +199,18 @@ def compute_reference(
         return out
     t0 = time.perf_counter()
     split_of = {_norm(f): s for s in ("train", "validation") for f in info.files[s]}
+    # A read task per file: one task reading several small files joins them in a block in
+    # varying order.
     ds = ray.data.read_parquet(sorted(split_of), columns=["row_id", *PAIR_COLUMNS],
-                               include_paths=True)  # fmt: skip
+                               include_paths=True, override_num_blocks=len(split_of))  # fmt: skip
     rows = sum(info.rows.values())
     scorer = {"model": model, "vocab_size": vocab_size, "seed": seed, "precision": precision,
-              "pad_id": pad_id, "device": "cuda" if use_gpu else "cpu",
+              "pad_id": pad_id, "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu",
               "threads": int(cpus_per_actor)}  # fmt: skip
     # From 1 actor up (the pairs may come as one block); a dead actor fails the job.
     pool = ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, -(-rows // batch_size))))
     with restarts_as_remote_arg():
-        ds = ds.map_batches(ReferenceLogps, fn_constructor_kwargs=scorer, batch_size=batch_size,
+        ds = ds.map_batches(ReferenceLogps, fn_constructor_kwargs=scorer, batch_size=None,
                             batch_format="numpy", compute=pool, num_cpus=cpus_per_actor,
                             num_gpus=1 if use_gpu else 0, max_restarts=0)  # fmt: skip
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))

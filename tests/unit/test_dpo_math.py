@@ -144,14 +144,21 @@ def test_policy_equal_to_reference_scores_ln2_and_zero_rewards(pref) -> None:
 
 def test_reference_scorer_equals_the_workers_scoring(pref, base_dir) -> None:
     model = ModelConfig(init_from=str(base_dir)).model_dump(mode="json")
-    scorer = ReferenceLogps(model, VOCAB, seed=0, precision="fp32", pad_id=0)
     batch = _one_step_rows(pref)
-    out = scorer(batch)
+    n = len(batch["row_id"])
+    out = ReferenceLogps(model, VOCAB, seed=0, precision="fp32", pad_id=0, batch_size=n)(batch)
     assert out["row_id"].tolist() == batch["row_id"].tolist()
     t = _tensors(collate_pairs(batch, 0))
     chosen, rejected = reference_logps(_model(), t)  # the saved model, built the same way
     assert out["chosen_logp"].tolist() == chosen.double().tolist()
     assert out["rejected_logp"].tolist() == rejected.double().tolist()
+    # A block is scored batch_size rows at a time, each batch padded on its own.
+    pairs = ReferenceLogps(model, VOCAB, seed=0, precision="fp32", pad_id=0, batch_size=2)(batch)
+    for i in range(0, n, 2):
+        part = _tensors(collate_pairs({k: v[i : i + 2] for k, v in batch.items()}, 0))
+        chosen, rejected = reference_logps(_model(), part)
+        assert pairs["chosen_logp"][i : i + 2].tolist() == chosen.double().tolist()
+        assert pairs["rejected_logp"][i : i + 2].tolist() == rejected.double().tolist()
 
 
 def _write_reference(pref: Path, ref_dir: Path) -> None:
