@@ -129,10 +129,10 @@ class ReferenceLogps:
     ``path``, ``chosen_logp`` and ``rejected_logp`` (float64 holding fp32 sums over the answer
     tokens, as ``training.dpo.reference_logps`` gives them in a worker).
 
-    It takes whole blocks and scores them ``batch_size`` rows at a time itself, in (path, row_id)
-    order: a pair's log-prob depends (~1e-5) on the padding of the batch it is scored in, and Ray
-    Data's own batches span blocks (and a block joins files) in whatever order they arrive, so the
-    log-probs differed from run to run.
+    It takes whole blocks and scores each file's rows in them ``batch_size`` at a time itself, in
+    row_id order: a pair's log-prob depends (~1e-5) on the padding of the batch it is scored in,
+    and Ray Data's own batches span blocks (and a block joins files) in whatever order they
+    arrive, so the log-probs differed from run to run.
     """
 
     def __init__(self, model: dict[str, Any], vocab_size: int, seed: int, precision: str,
@@ -158,11 +158,14 @@ class ReferenceLogps:
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(block["row_id"])
-        if "path" in block:  # the files' rows in file order, however the block joined them
-            order = np.lexsort((block["row_id"], np.asarray(block["path"], dtype=str)))
-            block = {k: v[order] for k, v in block.items()}
-        scored = [self._score({k: v[i : i + self.batch_size] for k, v in block.items()})
-                  for i in range(0, n, self.batch_size)]  # fmt: skip
+        paths = np.asarray(block.get("path", np.full(n, "")), dtype=str)
+        order = np.lexsort((block["row_id"], paths))  # each file's rows in file order
+        block, paths = {k: v[order] for k, v in block.items()}, paths[order]
+        # Batches never span files: a block may join several, in whatever order they came.
+        starts = [i for i in range(n) if i == 0 or paths[i] != paths[i - 1]] + [n]
+        scored = [self._score({k: v[i : min(i + self.batch_size, end)] for k, v in block.items()})
+                  for start, end in zip(starts[:-1], starts[1:], strict=True)
+                  for i in range(start, end, self.batch_size)]  # fmt: skip
         out = {"row_id": np.asarray(block["row_id"], dtype=np.int64),
                "chosen_logp": np.concatenate([c for c, _ in scored]) if n else np.zeros(0),
                "rejected_logp": np.concatenate([r for _, r in scored]) if n else np.zeros(0)}  # fmt: skip
