@@ -155,9 +155,9 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
 def test_numbers_are_those_of_the_recorded_run(quickstart) -> None:
     """The same numbers on every run, against a full `raylm quickstart` run recorded in
     QUICKSTART_NUMBERS: every logged training and eval loss to 1e-6 (the workers run 1 torch
-    thread each, in their own processes; DPO's to 1e-5, see below); the evals, which run in this
-    process with whatever thread count earlier tests left, as printed (scores to 0.05 points,
-    perplexities to 1e-3).
+    thread each, in their own processes; DPO's reference log-probs are scored in the same batches
+    on every run); the evals, which run in this process with whatever thread count earlier tests
+    left, as printed (scores to 0.05 points, perplexities to 1e-3).
     After a deliberate recipe change, write the new run's numbers there (the failure shows them)."""
     workdir, summary = quickstart
     runs = {k[: -len(" run")]: v for k, v in summary["artifacts"].items() if k.endswith(" run")}
@@ -166,12 +166,7 @@ def test_numbers_are_those_of_the_recorded_run(quickstart) -> None:
     flat_got, flat_want = _flat(got), _flat(want)
     assert sorted(flat_got) == sorted(flat_want), json.dumps(got)
     for key, value in flat_want.items():
-        if key.startswith("dpo") and "eval/" not in key:
-            # The reference log-probs vary by up to 1.1e-5 between runs: Ray Data does not always
-            # batch the pairs alike, and a pair's log-prob depends on its batch's padding. The DPO
-            # losses moved by up to 7.3e-7 relative between two full quickstart runs (2026-12-07).
-            tolerance = {"rel": 1e-5, "abs": 1e-9}
-        elif "eval/" not in key:  # training: losses and eval losses
+        if "eval/" not in key:  # training: losses and eval losses
             tolerance = {"rel": 1e-6, "abs": 1e-9}
         elif "/perplexity/" in key:
             tolerance = {"rel": 1e-3}
