@@ -8,10 +8,10 @@ side in its own fresh process (peak RSS is the process's own), alternating sides
 see the same background load.
 
 The datasets are written by raylm's writer (``data_pipelines.writer.ShardWriter``: the row groups
-and Arrow copies `data prepare` writes), random tokens, the same seq_len for both sizes; the rank is rank 0
-of 8 and reads the same number of steps from both sizes. Printed per (reader, size): time to the
-first step (index build and, for the old reader, the epoch load), steady rows/s over the following
-steps, peak RSS; then the ratios the issue asks for.
+and Arrow copies `data prepare` writes), random tokens, the same seq_len for both sizes; the rank
+is rank 0 of 8 and reads the same number of steps from both sizes. Printed per (reader, size): time
+to the first step (index build and, for the old reader, the epoch load), steady rows/s over the
+following steps, peak RSS; then the ratios the issue asks for.
 
     python bench/data_read.py                      # N = 16k rows of 512 tokens (~64 MB of tokens)
     python bench/data_read.py --rows 4000 --steps 50 --repeat 1   # a quick look

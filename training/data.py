@@ -220,8 +220,10 @@ class _ArrowCopy:
         try:
             ipc = pa.ipc.open_file(source)
             if ipc.num_record_batches != 1:
-                raise TrainConfigError(f"{path}: {ipc.num_record_batches} record batches where "
-                                       "data prepare writes one (delete it to read the parquet)")  # fmt: skip
+                raise TrainConfigError(
+                    f"{path}: {ipc.num_record_batches} record batches where data prepare writes "
+                    "one (delete it to read the parquet)"
+                )
             batch = ipc.get_batch(0)
             source.seek(0)
             base = source.read_buffer(1).address
@@ -288,9 +290,10 @@ class _SplitReader:
     are indexed from each file's ``row_id`` column and footer (8 bytes per row).
 
     With the files' Arrow copies (``arrays``, written by ``data prepare`` unless
-    ``data.arrow_copy`` is off), a read ``pread``s just the wanted rows' bytes (:class:`_ArrowCopy`).
-    Otherwise a read decodes just the parquet row groups holding the wanted rows, keeping the last few decoded
-    (``cache_groups``); ``data prepare`` writes row groups of about 256 KB. Either way memory does
+    ``data.arrow_copy`` is off), a read ``pread``s just the wanted rows' bytes
+    (:class:`_ArrowCopy`). Otherwise a read decodes just the parquet row groups holding the wanted
+    rows, keeping the last few decoded (``cache_groups``); ``data prepare`` writes row groups of
+    about 256 KB. Either way memory does
     not grow with the dataset.
 
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
@@ -397,7 +400,8 @@ class _SplitReader:
         if file in self._copies:
             self._copies.move_to_end(file)
             return self._copies[file]
-        self._copies[file] = _ArrowCopy(self.arrays[file], self.columns, self.ragged)  # type: ignore[index]
+        path = self.arrays[file]  # type: ignore[index]
+        self._copies[file] = _ArrowCopy(path, self.columns, self.ragged)
         if len(self._copies) > self._cache_files:
             self._copies.popitem(last=False)[1].close()
         return self._copies[file]

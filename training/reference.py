@@ -136,7 +136,8 @@ class ReferenceLogps:
     """
 
     def __init__(self, model: dict[str, Any], vocab_size: int, seed: int, precision: str,
-                 pad_id: int, batch_size: int, device: str = "cpu", threads: int = 1) -> None:  # fmt: skip
+                 pad_id: int, batch_size: int, device: str = "cpu",
+                 threads: int = 1) -> None:  # fmt: skip
         import torch
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -166,9 +167,10 @@ class ReferenceLogps:
         scored = [self._score({k: v[i : min(i + self.batch_size, end)] for k, v in block.items()})
                   for start, end in zip(starts[:-1], starts[1:], strict=True)
                   for i in range(start, end, self.batch_size)]  # fmt: skip
+        chosen = np.concatenate([c for c, _ in scored]) if scored else np.zeros(0)
+        rejected = np.concatenate([r for _, r in scored]) if scored else np.zeros(0)
         out = {"row_id": np.asarray(block["row_id"], dtype=np.int64),
-               "chosen_logp": np.concatenate([c for c, _ in scored]) if n else np.zeros(0),
-               "rejected_logp": np.concatenate([r for _, r in scored]) if n else np.zeros(0)}  # fmt: skip
+               "chosen_logp": chosen, "rejected_logp": rejected}  # fmt: skip
         if "path" in block:
             out["path"] = np.asarray(block["path"], dtype=object)
         return out
@@ -202,8 +204,8 @@ def compute_reference(
         return out
     t0 = time.perf_counter()
     split_of = {_norm(f): s for s in ("train", "validation") for f in info.files[s]}
-    # A read task per file: one task reading several small files joins them in a block in
-    # varying order.
+    # A read task per file (Ray may read several small files in one task); the scorer orders and
+    # batches each file's rows itself whatever blocks they come in.
     ds = ray.data.read_parquet(sorted(split_of), columns=["row_id", *PAIR_COLUMNS],
                                include_paths=True, override_num_blocks=len(split_of))  # fmt: skip
     rows = sum(info.rows.values())
