@@ -216,33 +216,38 @@ class _ArrowCopy:
     what was read, shared by every rank of a node)."""
 
     def __init__(self, path: str, columns: list[str], ragged: bool):
+        self.path, self.ragged, self.fd = path, ragged, -1
         source = pa.memory_map(path)  # to find the buffers' offsets: only the metadata is read
         try:
-            ipc = pa.ipc.open_file(source)
-            if ipc.num_record_batches != 1:
-                raise TrainConfigError(
-                    f"{path}: {ipc.num_record_batches} record batches where data prepare writes "
-                    "one (delete it to read the parquet)"
-                )
-            batch = ipc.get_batch(0)
-            source.seek(0)
-            base = source.read_buffer(1).address
-            # column -> (values offset in the file, row offsets (rows + 1,) int32); row_id is
-            # read whole (8 bytes a row): it says which row a read returned
-            self.where: dict[str, tuple[int, np.ndarray]] = {}
-            for c in columns:
-                col = batch.column(c)
-                if col.null_count or col.offset:
-                    raise TrainConfigError(f"{path}: column {c} is not as data prepare writes it")
-                if c == "row_id":
-                    self.row_ids = col.to_numpy().copy()
-                else:
-                    offsets = col.offsets.to_numpy().copy()
-                    self.where[c] = (col.buffers()[3].address - base, offsets)
+            self._find_buffers(source, columns)
+        except (pa.ArrowInvalid, KeyError) as exc:
+            raise TrainConfigError(f"{path}: not an Arrow copy as data prepare writes it ({exc}); "
+                                   "delete it to read the parquet instead") from None  # fmt: skip
         finally:
             source.close()
-        self.path, self.ragged = path, ragged
         self.fd = os.open(path, os.O_RDONLY)
+
+    def _find_buffers(self, source: Any, columns: list[str]) -> None:
+        ipc = pa.ipc.open_file(source)
+        if ipc.num_record_batches != 1:
+            raise TrainConfigError(
+                f"{self.path}: {ipc.num_record_batches} record batches where data prepare writes "
+                "one (delete it to read the parquet instead)"
+            )
+        batch = ipc.get_batch(0)
+        source.seek(0)
+        base = source.read_buffer(1).address
+        # column -> (values offset in the file, row offsets (rows + 1,) int32); row_id is read
+        # whole (8 bytes a row): it says which row a read returned
+        self.where: dict[str, tuple[int, np.ndarray]] = {}
+        for c in columns:
+            col = batch.column(c)
+            if col.null_count or col.offset:
+                raise TrainConfigError(f"{self.path}: column {c} is not as data prepare writes it")
+            if c == "row_id":
+                self.row_ids = col.to_numpy().copy()
+            else:
+                self.where[c] = (col.buffers()[3].address - base, col.offsets.to_numpy().copy())
 
     def close(self) -> None:
         if self.fd >= 0:

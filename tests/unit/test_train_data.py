@@ -210,12 +210,13 @@ def test_layout_index_and_arrow_copies_read_the_same_rows_as_the_row_id_index(tm
 
 
 def test_ragged_preference_rows_read_alike_from_arrow_copies_and_parquet(tmp_path, caplog) -> None:
-    """Pairs of any length come back as the same int32 arrays from the memory-mapped Arrow copies
-    as from the parquet; a dataset whose listed copies are gone is read from its parquet, with a
-    warning naming it."""
+    """Pairs of any length come back as the same int32 arrays from the Arrow copies as from the
+    parquet; a damaged copy is an error naming it; a dataset whose listed copies are gone is read
+    from its parquet, with a warning naming it."""
     from data_pipelines.pack import PairRow
     from data_pipelines.writer import PREFERENCE_COLUMNS, ShardWriter
     from training.data import _SplitReader
+    from training.errors import TrainConfigError
 
     rng = np.random.default_rng(1)
     w = ShardWriter(tmp_path / "train", rows_per_file=30, with_labels=False,
@@ -237,6 +238,9 @@ def test_ragged_preference_rows_read_alike_from_arrow_copies_and_parquet(tmp_pat
         for x, y in zip(got[c], want[c], strict=True):
             assert x.dtype == np.int32
             np.testing.assert_array_equal(x, y)
+    Path(arrays[2]).write_bytes(b"not arrow")  # a damaged copy: an error naming it
+    with pytest.raises(TrainConfigError, match=r"part-00002\.arrow: not an Arrow copy as data"):
+        _SplitReader(files, columns, w.layout, arrays=arrays).read(np.arange(60, 70))
     Path(arrays[1]).unlink()
     with caplog.at_level("WARNING", logger="training.data"):
         fallback = _SplitReader(files, columns, w.layout, arrays=arrays)
