@@ -1,7 +1,7 @@
 """Training reads: one rank's memory and speed on a prepared dataset of N and of 8N rows.
 
-raylm's reader (``training.data.MixedRows``: a row_id index, the step's rows copied out of the
-memory-mapped Arrow copies, a prefetch thread), the same reader without the Arrow copies
+raylm's reader (``training.data.MixedRows``: a row_id index, the step's rows read with ``pread``
+from the Arrow copies, a prefetch thread), the same reader without the Arrow copies
 (``raylm-parquet``: the step's parquet row groups decoded) and the previous reader (kept here as
 ``WholeEpochRows``: the rank's whole epoch loaded before step 1), side by side in this script, each
 side in its own fresh process (peak RSS is the process's own), alternating sides and sizes so all
@@ -42,8 +42,9 @@ def write_dataset(out: Path, rows: int, seq_len: int, seed: int = 0) -> Path:
     from data_pipelines.pack import PackedRow
     from data_pipelines.writer import ShardWriter
 
-    if (out / "manifest.json").is_file() and "arrays" in (out / "manifest.json").read_text():
-        return out
+    done = out / "manifest.json"
+    if done.is_file() and json.loads(done.read_text())["splits"]["train"].get("arrays"):
+        return out  # one written before the Arrow copies is written again
     rng = np.random.default_rng(seed)
     writer = ShardWriter(out / "train", rows_per_file=2048, with_labels=False, arrow_copy=True)
     pos = np.arange(seq_len, dtype=np.int32)

@@ -2,8 +2,9 @@
 
 Same rows in the same order -> sha256-identical files, which the manifest records. Next to each
 ``part-NNNNN.parquet`` it can write ``part-NNNNN.arrow``: the same table as one uncompressed Arrow
-IPC record batch, which training memory-maps and reads any row of without decoding (the parquet
-stays the interchange format: Ray Data, pandas, a user's own tools).
+IPC record batch, from which training reads any row's bytes without decoding
+(``training.data._ArrowCopy``; the parquet stays the interchange format: Ray Data, pandas, a
+user's own tools).
 """
 
 from __future__ import annotations

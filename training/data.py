@@ -298,8 +298,7 @@ class _SplitReader:
     ``data.arrow_copy`` is off), a read ``pread``s just the wanted rows' bytes
     (:class:`_ArrowCopy`). Otherwise a read decodes just the parquet row groups holding the wanted
     rows, keeping the last few decoded (``cache_groups``); ``data prepare`` writes row groups of
-    about 256 KB. Either way memory does
-    not grow with the dataset.
+    about 256 KB. Either way memory does not grow with the dataset.
 
     ``columns`` may name ``labels`` for a dataset without them (a pretraining dataset mixed into
     SFT): its labels are then its input_ids, so every real next token carries loss (``loss_targets``
@@ -338,8 +337,9 @@ class _SplitReader:
             self._index_from_files()
         self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_groups = cache_groups
-        self.arrays = arrays if layout and arrays and len(arrays) == len(files) else None
-        if self.arrays and not all(Path(a).is_file() for a in self.arrays):
+        self.arrays = arrays if layout and arrays else None
+        if self.arrays and (len(self.arrays) != len(files)
+                            or not all(Path(a).is_file() for a in self.arrays)):  # fmt: skip
             log.warning("%s: Arrow copies listed in the manifest are missing; reading the "
                         "parquet files instead", Path(files[0]).parent)  # fmt: skip
             self.arrays = None
@@ -413,7 +413,7 @@ class _SplitReader:
 
     def _copied_rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         """Rows at ``positions`` from the Arrow copies, row by row."""
-        files = np.searchsorted(self._starts, positions, side="right") - 1
+        files = self._locate(positions)[0]
         in_file = positions - self._starts[files]
         out: dict[str, np.ndarray] = {}
         for i, (f, row) in enumerate(zip(files.tolist(), in_file.tolist(), strict=True)):
