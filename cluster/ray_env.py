@@ -34,6 +34,12 @@ WORKER_ENV = {
 }
 
 
+# A local instance only: Ray Train's controller polls its workers every 2 s by default, so each
+# finished run idled up to one poll (2 s) before its workers shut down; the quickstart's three
+# training stages lost ~6 s that way. Polling two local workers 4 times a second costs nothing.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
 def local_num_cpus(requested: int | None = None) -> int:
     if requested is not None:
         return requested
@@ -104,6 +110,8 @@ def ray_session(
         if address:
             ray.init(address=address, runtime_env=_join_runtime_env(), log_to_driver=True)
         else:
+            for key, value in LOCAL_ENV.items():  # read by the driver at fit(): a user's wins
+                os.environ.setdefault(key, value)
             ray.init(
                 num_cpus=local_num_cpus(cfg.num_cpus),
                 runtime_env={"env_vars": dict(WORKER_ENV)},
