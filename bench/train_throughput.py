@@ -7,7 +7,9 @@ OMP_NUM_THREADS=1 in workers and the launcher sets torch's threads to ``cpus_per
 - 1 worker: ``training.launcher.train`` with ZeRO-0 and with ZeRO-2 vs a single-process loop;
 - 2 workers: ``train`` with ZeRO-0 vs ``torchrun --nproc_per_node 2`` DDP (gloo), same global batch;
   between them raylm's own per-worker loop under torchrun without Ray
-  (``bench/train_loop_torchrun.py``), which splits the gap into the loop's share and Ray's.
+  (``bench/train_loop_torchrun.py``), which splits the gap into the loop's share and Ray's;
+- 2 workers under ZeRO-2 (the quickstart's setting) in bf16 vs fp32: the quickstart trains in bf16
+  on a CPU with bf16 instructions (``cluster.quickstart.cpu_has_bf16``).
 
 Throughput is steady state: the first ``--log-every`` steps are left out on both sides (raylm:
 the first metrics row; its tokens_per_s is measured between rows). Start-up (Ray Train worker
@@ -18,6 +20,7 @@ ratios are medians over repeats. Never part of the test suite.
 
     python bench/train_throughput.py --repeat 3
     python bench/train_throughput.py --hidden 128 --repeat 5 --only "2 proc,2w"   # 2 workers only
+    python bench/train_throughput.py --hidden 128 --micro-batch 8 --only "2w ZeRO-2"   # bf16 vs fp32
     python bench/train_throughput.py --hidden 128 --layers 2 --steps 15 --repeat 2   # short
 """
 
@@ -74,21 +77,26 @@ def _dataset(a: argparse.Namespace) -> Path:
     return out
 
 
-def _raylm_sets(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int) -> list[str]:
+def _raylm_sets(
+    a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int, precision: str = "fp32"
+) -> list[str]:
     sets = [f"name={name}", f"train.datasets=[{ds}]", f"train.storage_path={OUT / 'runs'}",
             f"train.global_batch_tokens={a.rows * a.seq_len}",
             f"train.micro_batch_size={a.micro_batch}", f"train.max_steps={a.steps}",
             f"train.log_every={a.log_every}", "train.checkpoint_every=100000",
             "train.eval_batches=1", "train.warmup_steps=0", "train.lr=0.001",
             f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={a.threads}",
-            f"deepspeed.zero_stage={zero}", "train.progress=false"]  # fmt: skip
+            f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}",
+            "train.progress=false"]  # fmt: skip
     return sets + [f"model.{k}={v}" for k, v in _model(a).items()]
 
 
-def _raylm_cfg(a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int):
+def _raylm_cfg(
+    a: argparse.Namespace, ds: Path, name: str, workers: int, zero: int, precision: str = "fp32"
+):
     from cluster.config import load_config
 
-    return load_config(None, _raylm_sets(a, ds, name, workers, zero))
+    return load_config(None, _raylm_sets(a, ds, name, workers, zero, precision))
 
 
 def _from_metrics(a: argparse.Namespace, run: Path, wall: float) -> dict:
@@ -103,10 +111,12 @@ def _from_metrics(a: argparse.Namespace, run: Path, wall: float) -> dict:
     return {"tokens_per_s": steady, "startup_s": wall - sum(seconds)}
 
 
-def run_raylm(a: argparse.Namespace, ds: Path, workers: int, zero: int, tag: str) -> dict:
+def run_raylm(
+    a: argparse.Namespace, ds: Path, workers: int, zero: int, tag: str, precision: str = "fp32"
+) -> dict:
     from training.launcher import run_dir, train
 
-    cfg = _raylm_cfg(a, ds, f"{tag}-w{workers}-z{zero}", workers, zero)
+    cfg = _raylm_cfg(a, ds, f"{tag}-w{workers}-z{zero}-{precision}", workers, zero, precision)
     shutil.rmtree(run_dir(cfg), ignore_errors=True)
     t0 = time.perf_counter()
     train(cfg)
@@ -161,6 +171,9 @@ VARIANTS = [  # (name, what it is compared with)
     ("torchrun DDP 2 proc", None),
     ("loop torchrun 2 proc", "torchrun DDP 2 proc"),
     ("raylm 2w ZeRO-0", "torchrun DDP 2 proc"),
+    # The quickstart's setting, and the bf16 it picks on a CPU with bf16 instructions.
+    ("raylm 2w ZeRO-2", None),
+    ("raylm 2w ZeRO-2 bf16", "raylm 2w ZeRO-2"),
 ]
 
 
@@ -177,6 +190,8 @@ def _one_repeat(a: argparse.Namespace, ds: Path, r: int) -> dict[str, dict]:
         "torchrun DDP 2 proc": lambda: run_baseline(a, ds, 2),
         "loop torchrun 2 proc": lambda: run_loop_torchrun(a, ds, 2, f"r{r}"),
         "raylm 2w ZeRO-0": lambda: run_raylm(a, ds, 2, 0, f"r{r}"),
+        "raylm 2w ZeRO-2": lambda: run_raylm(a, ds, 2, 2, f"r{r}"),
+        "raylm 2w ZeRO-2 bf16": lambda: run_raylm(a, ds, 2, 2, f"r{r}", "bf16"),
     }
     out = {}
     for name, _ in _selected(a):

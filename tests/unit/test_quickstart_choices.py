@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 from cluster.config import load_config
-from cluster.quickstart import CONFIG_DIR, QUICKSTART_FILES, device_overrides, quickstart_configs
+from cluster.quickstart import (
+    CONFIG_DIR,
+    QUICKSTART_FILES,
+    cpu_has_bf16,
+    device_overrides,
+    quickstart_configs,
+)
 
 
 def test_cpu_machine_keeps_the_shipped_configs() -> None:
     assert device_overrides(0) == []
+
+
+def test_cpu_with_bf16_instructions_trains_in_bf16_and_the_user_can_keep_fp32(tmp_path) -> None:
+    over = device_overrides(0, cpu_bf16=True)
+    assert over == ["deepspeed.precision=bf16"]
+    assert load_config(CONFIG_DIR / QUICKSTART_FILES["sft"], over).deepspeed.precision == "bf16"
+    # What quickstart_configs picks on this machine, and a user's --set after it wins.
+    want = "bf16" if cpu_has_bf16() else "fp32"
+    assert quickstart_configs(str(tmp_path / "a"), []).dpo.deepspeed.precision == want
+    kept = quickstart_configs(str(tmp_path / "b"), ["deepspeed.precision=fp32"])
+    assert kept.pretrain.deepspeed.precision == kept.sft.deepspeed.precision == "fp32"
+    assert kept.device == []  # the summary does not claim a choice the user overrode
 
 
 def test_gpu_machine_uses_gpu_workers_bf16_and_a_gpu_per_replica() -> None:
