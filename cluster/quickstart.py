@@ -69,7 +69,7 @@ class Outcome:
 
 def device_overrides(cuda_devices: int, cpu_bf16: bool = False) -> list[str]:
     """Config overrides for this machine: with CUDA, GPU workers in bf16 and a GPU per replica;
-    on a CPU with bf16 instructions, bf16 training (about 1.4x the fp32 steps per second here)."""
+    on a CPU with bf16 instructions, bf16 training (1.3x the fp32 steps per second on this host)."""
     if cuda_devices <= 0:
         return ["deepspeed.precision=bf16"] if cpu_bf16 else []
     return [

@@ -1,9 +1,10 @@
 """The main job end to end: `raylm quickstart` with smaller sizes on the session's Ray instance.
 
 One module-scoped run of the shipped quickstart (4,000 synthetic documents, 300 pretraining and 300
-SFT steps of a 1.1M-parameter model with 2 Ray Train workers under ZeRO-2, DPO from the SFT export on the synthetic preference
-pairs, eval of the three exports, a Ray Serve endpoint answering one chat request; only the HTTP
-port differs) serves the stage-contract tests; a LoRA fine-tune of the same pretrained export is
+SFT steps of a 1.1M-parameter model with 2 Ray Train workers under ZeRO-2, in bf16 on a CPU with
+bf16 instructions and fp32 elsewhere, DPO from the SFT export on the synthetic preference pairs,
+eval of the three exports, a Ray Serve endpoint answering one chat request; only the HTTP port
+differs) serves the stage-contract tests; a LoRA fine-tune of the same pretrained export is
 scored against the same control. Held-out sentiment: 200 examples, 100 per label; held-out
 preference pairs: 240.
 """
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.timeout(1800)
 STEPS = 300  # train.max_steps of configs/quickstart.yaml and quickstart_sft.yaml
 DPO_STEPS = 50  # train.max_steps of configs/quickstart_dpo.yaml
 # What DPO may cost each SFT task, in points (the preference-tuning issue's limit). Measured on 2
-# cores: sentiment 99.5 -> 99.5, qa token F1 12.5 -> 10.5, rewrite chrF 97.9 -> 97.5.
+# cores in bf16: sentiment 100 -> 99, qa token F1 14 -> 14, rewrite chrF 99.9 -> 98.4 (fp32: 99.5
+# -> 100, 12.5 -> 11.5, 97.9 -> 97.7).
 TASK_SLACK = 2.0 + 1e-6  # 1e-6: scores are means of 200 floats
 QUICKSTART_NUMBERS = Path(__file__).with_name("quickstart_numbers.json")
 
@@ -143,7 +145,7 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
     dpo, sft = _eval(workdir, "dpo"), _eval(workdir, "sft")
     assert dpo["preference"]["n"] == sft["preference"]["n"] == 240
     assert sft["preference"]["metrics"]["win_rate"] == pytest.approx(50.0, abs=10.0)
-    assert dpo["preference"]["metrics"]["win_rate"] >= 95.0  # 99.6 measured
+    assert dpo["preference"]["metrics"]["win_rate"] >= 95.0  # 99.6 measured (fp32: 97.9)
     rows = _rows(Path(summary["artifacts"]["dpo run"]) / "metrics.jsonl")
     assert rows[-1]["reward_margin"] > rows[0]["reward_margin"] > 0
     assert rows[-1]["eval_reward_accuracy"] >= 0.9
