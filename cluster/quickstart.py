@@ -89,6 +89,10 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip()  # as cluster.config.apply_overrides reads it
+
+
 def quickstart_configs(workdir: str, overrides: list[str]) -> Configs:
     """The shipped quickstart YAMLs with every path moved under ``workdir``."""
     root = workdir.rstrip("/")
@@ -103,9 +107,9 @@ def quickstart_configs(workdir: str, overrides: list[str]) -> Configs:
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    yours = {o.split("=", 1)[0].strip() for o in overrides}
+    yours = {_key(o) for o in overrides}  # a user's --set of a key wins over this machine's
     dev = [o for o in device_overrides(cuda, cpu_bf16=not cuda and cpu_has_bf16())
-           if o.split("=", 1)[0] not in yours]  # a user's --set of the same key wins  # fmt: skip
+           if _key(o) not in yours]  # fmt: skip
     train_dev = [o for o in dev if not o.startswith("serve.")]
     serve_dev = [o for o in dev if o.startswith("serve.")]
     return Configs(

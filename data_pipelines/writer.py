@@ -103,15 +103,25 @@ class ShardWriter:
         path = self.directory / name
         longest = max(len(getattr(r, self.columns[0])) for r in rows)
         group = rows_per_group(len(self.columns), longest)
-        pq.write_table(table, path, compression="zstd", write_statistics=False,
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", write_statistics=False,
                        row_group_size=group)  # fmt: skip
         self.files.append(name)
         self.layout.append([len(rows), group])
-        self.checksums[name] = file_sha256(path)
+        self.checksums[name] = _write_hashed(path, sink.getvalue())
         if self.arrow_copy:
             copy = path.with_suffix(".arrow")
-            with pa.OSFile(str(copy), "wb") as sink, pa.ipc.new_file(sink, self.schema) as ipc:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, self.schema) as ipc:
                 ipc.write_batch(table.combine_chunks().to_batches()[0])
             self.arrays.append(copy.name)
-            self.checksums[copy.name] = file_sha256(copy)
+            self.checksums[copy.name] = _write_hashed(copy, sink.getvalue())
         self.rows += len(rows)
+
+
+def _write_hashed(path: Path, data: pa.Buffer) -> str:
+    """Write one file's serialized bytes and return their sha256, without reading the file back
+    (the table they encode is in memory already; the file's bytes are what a file sink gets)."""
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()

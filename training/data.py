@@ -279,12 +279,10 @@ class _ArrowCopy:
             start, end = int(offsets[row]), int(offsets[row + 1])
             if self.ragged:
                 out[c][i] = np.empty(end - start, dtype=np.int32)
-                self._read(out[c][i], values + 4 * start)
             elif end - start != out[c].shape[1]:
                 raise TrainConfigError(f"{self.path}: {c} rows of {end - start} tokens where "
                                        f"the dataset's have {out[c].shape[1]}")  # fmt: skip
-            else:
-                self._read(out[c][i], values + 4 * start)
+            self._read(out[c][i], values + 4 * start)
 
 
 class _SplitReader:

@@ -163,10 +163,11 @@ class ReferenceLogps:
         order = np.lexsort((block["row_id"], paths))  # each file's rows in file order
         block, paths = {k: v[order] for k, v in block.items()}, paths[order]
         # Batches never span files: a block may join several, in whatever order they came.
-        starts = [i for i in range(n) if i == 0 or paths[i] != paths[i - 1]] + [n]
-        scored = [self._score({k: v[i : min(i + self.batch_size, end)] for k, v in block.items()})
-                  for start, end in zip(starts[:-1], starts[1:], strict=True)
-                  for i in range(start, end, self.batch_size)]  # fmt: skip
+        bounds = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
+        batches = [(i, min(i + self.batch_size, end))
+                   for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+                   for i in range(start, end, self.batch_size)]  # fmt: skip
+        scored = [self._score({k: v[a:b] for k, v in block.items()}) for a, b in batches]
         chosen = np.concatenate([c for c, _ in scored]) if scored else np.zeros(0)
         rejected = np.concatenate([r for _, r in scored]) if scored else np.zeros(0)
         out = {"row_id": np.asarray(block["row_id"], dtype=np.int64),

@@ -157,12 +157,10 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
 def _record_key(summary: dict) -> str:
     """Which recorded run this one must equal: the pretraining run's device and precision (the
     quickstart trains in bf16 on a CPU with bf16 instructions, in fp32 on one without)."""
-    import yaml
+    from cluster.config import RESOLVED_NAME, load_config
 
-    run = Path(summary["artifacts"]["pretrain run"])
-    cfg = yaml.safe_load((run / "raylm_config.yaml").read_text())
-    device = "cuda" if cfg["scaling"]["use_gpu"] else "cpu"
-    return f"{device} {cfg['deepspeed']['precision']}"
+    cfg = load_config(Path(summary["artifacts"]["pretrain run"]) / RESOLVED_NAME)
+    return f"{'cuda' if cfg.scaling.use_gpu else 'cpu'} {cfg.deepspeed.precision}"
 
 
 def test_numbers_are_those_of_the_recorded_run(quickstart) -> None:
