@@ -154,21 +154,38 @@ def test_dpo_model_prefers_the_requested_style_and_keeps_the_tasks(quickstart) -
     assert "win rate" in summary["numbers"]["preference"]
 
 
+def _cpu_kind() -> str:
+    """The CPU's kernel family, which fixes the floating-point summation order: torch's SIMD level
+    (AVX2 and AVX512 kernels round differently: recorded AVX512 losses drift from step 40 on an
+    AVX2 host), AMX where bf16 matmuls use it, and the vendor (MKL picks code paths by it)."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    vendor = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("vendor_id")), "?")
+    return f"{torch.backends.cpu.get_cpu_capability()}{'+AMX' if amx else ''} {vendor}"
+
+
 def _record_key(summary: dict) -> str:
     """Which recorded run this one must equal: the pretraining run's device and precision (the
-    quickstart trains in bf16 on a CPU with bf16 instructions, in fp32 on one without)."""
+    quickstart trains in bf16 on a CPU with bf16 instructions, in fp32 on one without) and, on a
+    CPU, its kernel family."""
     from cluster.config import RESOLVED_NAME, load_config
 
     cfg = load_config(Path(summary["artifacts"]["pretrain run"]) / RESOLVED_NAME)
-    return f"{'cuda' if cfg.scaling.use_gpu else 'cpu'} {cfg.deepspeed.precision}"
+    if cfg.scaling.use_gpu:
+        return f"cuda {cfg.deepspeed.precision}"
+    return f"cpu {cfg.deepspeed.precision} {_cpu_kind()}"
 
 
 def test_numbers_are_those_of_the_recorded_run(quickstart) -> None:
     """The same numbers on every run, against a full `raylm quickstart` run recorded in
-    QUICKSTART_NUMBERS for this device and precision: every logged training and eval loss to 1e-6
-    (the workers run 1 torch thread each, in their own processes; DPO's reference log-probs are
-    scored in the same batches on every run); the evals, which run in this process with whatever
-    thread count earlier tests left, as printed (scores to 0.05 points, perplexities to 1e-3).
+    QUICKSTART_NUMBERS for this device, precision and CPU kernel family: every logged training and
+    eval loss to 1e-6 (the workers run 1 torch thread each, in their own processes; DPO's reference
+    log-probs are scored in the same batches on every run); the evals, which run in this process
+    with whatever thread count earlier tests left, as printed (scores to 0.05 points, perplexities
+    to 1e-3).
     After a deliberate recipe change, write the new run's numbers there (the failure shows them)."""
     workdir, summary = quickstart
     key = _record_key(summary)
