@@ -8,6 +8,7 @@ evals and reports, or the others hang.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -206,6 +207,53 @@ def skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def compile_on_first_call(compile_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A stand-in for ``torch.compile`` (both forms: ``(fn, **kw)`` and ``(**kw)(fn)``) that calls
+    ``compile_fn(fn, **kw)`` on the wrapped function's first call instead of at decoration."""
+
+    def deferred(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:
+            return lambda fn: deferred(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args: Any, **kw: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_fn(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    return deferred
+
+
+def import_muon_uncompiled() -> bool:
+    """Import DeepSpeed's Muon optimizer module with its ``torch.compile`` decorations deferred to
+    each function's first call; True when this call imported it.
+
+    ``deepspeed.initialize`` imports that module whatever the optimizer (ZeRO's supported-optimizer
+    check, and the ZeRO optimizers' ``isinstance`` tests), and the module applies ``torch.compile``
+    to three functions at import, which imports ``torch._inductor``: 2.6 s of CPU in every worker
+    of every run, measured on 2 cores, for an optimizer raylm never builds (AdamW; see
+    ``ds_config``). Deferred, the functions compile as before if one is ever called.
+    """
+    if MUON_MODULE in sys.modules:
+        return False
+    import importlib
+
+    real = torch.compile
+    torch.compile = compile_on_first_call(real)  # type: ignore[assignment]
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        torch.compile = real
+    return True
+
+
 def _init_distributed(use_gpu: bool, world_size: int) -> None:
     import deepspeed
 
@@ -245,6 +293,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 def _build_engine(job: WorkerJob, io: WorkerIO, dtype: torch.dtype) -> Any:
     import deepspeed
 
+    import_muon_uncompiled()  # before deepspeed.initialize imports it, compiling
     ds_conf = build_ds_config(job.train, job.deepspeed, seq_len=job.seq_len,
                               world_size=io.world_size, total_steps=job.total_steps,
                               use_gpu=job.use_gpu, cuda_available=torch.cuda.is_available())  # fmt: skip

@@ -89,3 +89,51 @@ def test_the_interpreters_ninja_comes_first_on_path(tmp_path) -> None:
     assert not prefer_interpreter_ninja(env, bindir) and env["PATH"] == f"{bindir}:{other}"
     empty: dict[str, str] = {}
     assert prefer_interpreter_ninja(empty, bindir) and empty["PATH"] == str(bindir)
+
+
+def test_deepspeeds_muon_module_imports_without_compiling() -> None:
+    """deepspeed.initialize imports Muon whatever the optimizer; its import-time torch.compile
+    pulled in torch._inductor in every worker (2.6 s of CPU). A fresh interpreter, as a worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from training.loop import import_muon_uncompiled, MUON_MODULE\n"
+        "real = torch.compile\n"
+        "assert import_muon_uncompiled() and MUON_MODULE in sys.modules\n"
+        "assert torch.compile is real, 'torch.compile restored'\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'\n"
+        "assert not import_muon_uncompiled()  # once per process\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # as ZeRO does\n"
+        "from deepspeed.runtime.zero.muon.original_muon import muon_update\n"
+        "assert muon_update.__wrapped__ and 'torch._inductor.compile_fx' not in sys.modules\n"
+    )
+    root = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_deferred_compile_runs_on_the_first_call_once_in_both_forms() -> None:
+    from training.loop import compile_on_first_call
+
+    calls: list[tuple[str, dict]] = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append((fn.__name__, kwargs))
+        return lambda *a: ("compiled", fn(*a))
+
+    deferred = compile_on_first_call(fake_compile)
+
+    def double(x):
+        return 2 * x
+
+    def square(x):
+        return x * x
+
+    plain, with_options = deferred(double), deferred(dynamic=False)(square)
+    assert calls == [] and plain.__name__ == "double"  # nothing compiled at decoration
+    assert plain(3) == ("compiled", 6) and plain(4) == ("compiled", 8)
+    assert with_options(3) == ("compiled", 9)
+    assert calls == [("double", {}), ("square", {"dynamic": False})]
