@@ -242,7 +242,11 @@ class _ArrowCopy:
         self.where: dict[str, tuple[int, np.ndarray]] = {}
         for c in columns:
             col = batch.column(c)
-            if col.null_count or col.offset:
+            if c == "row_id":
+                written = col.type == pa.int64()
+            else:
+                written = pa.types.is_list(col.type) and col.type.value_type == pa.int32()
+            if col.null_count or col.offset or not written:
                 raise TrainConfigError(f"{self.path}: column {c} is not as data prepare writes it")
             # The buffers as numpy, not to_numpy(): pyarrow's first to_numpy imports pandas
             # (0.9 s of a worker's start on 2 cores, measured)

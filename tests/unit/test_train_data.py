@@ -238,6 +238,15 @@ def test_ragged_preference_rows_read_alike_from_arrow_copies_and_parquet(tmp_pat
         for x, y in zip(got[c], want[c], strict=True):
             assert x.dtype == np.int32
             np.testing.assert_array_equal(x, y)
+    # A copy whose row ids are not int64 (read from its buffers, they would be misread)
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(arrays[0]).read_all()
+    table = table.set_column(0, "row_id", table["row_id"].cast(pa.int32()))
+    with pa.OSFile(arrays[0], "wb") as sink, pa.ipc.new_file(sink, table.schema) as ipc:
+        ipc.write_table(table)
+    with pytest.raises(TrainConfigError, match=r"part-00000\.arrow: column row_id is not as data"):
+        _SplitReader(files, columns, w.layout, arrays=arrays).read(np.arange(0, 10))
     Path(arrays[2]).write_bytes(b"not arrow")  # a damaged copy: an error naming it
     with pytest.raises(TrainConfigError, match=r"part-00002\.arrow: not an Arrow copy as data"):
         _SplitReader(files, columns, w.layout, arrays=arrays).read(np.arange(60, 70))
