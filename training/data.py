@@ -242,16 +242,15 @@ class _ArrowCopy:
         self.where: dict[str, tuple[int, np.ndarray]] = {}
         for c in columns:
             col = batch.column(c)
-            if c == "row_id":
-                written = col.type == pa.int64()
-            else:
-                written = pa.types.is_list(col.type) and col.type.value_type == pa.int32()
+            ids = c == "row_id"
+            int32_lists = pa.types.is_list(col.type) and col.type.value_type == pa.int32()
+            written = col.type == pa.int64() if ids else int32_lists
             if col.null_count or col.offset or not written:
                 raise TrainConfigError(f"{self.path}: column {c} is not as data prepare writes it")
             # The buffers as numpy, not to_numpy(): pyarrow's first to_numpy imports pandas
             # (0.9 s of a worker's start on 2 cores, measured)
             rows = len(col)
-            if c == "row_id":
+            if ids:
                 self.row_ids = np.frombuffer(col.buffers()[1], np.int64, rows).copy()
             else:
                 offsets = np.frombuffer(col.buffers()[1], np.int32, rows + 1).copy()
