@@ -189,22 +189,26 @@ def tiny_model_dir(synth_corpus, tmp_path_factory):
 
 
 def train_and_export(name: str, storage, out, overrides: list[str]):
-    """`raylm train` in-process on the session's Ray, then `raylm export` of its last checkpoint."""
+    """raylm's training loop on ``scaling.num_workers`` local processes (``tests.mp_loop``: the
+    run dir `raylm train` writes, without a Ray Train run's start-up), then `raylm export` of its
+    last checkpoint."""
     from cluster.config import load_config
+    from tests.mp_loop import run_loop
     from training.export import export
-    from training.launcher import run_dir, train
+    from training.launcher import plan_job, run_dir
 
     cfg = load_config(None, [f"name={name}", f"train.storage_path={storage}", *overrides])
-    train(cfg)
+    run_loop(plan_job(cfg), world=cfg.scaling.num_workers)
     export(run_dir(cfg), out)
     return cfg
 
 
 @pytest.fixture(scope="session")
-def pretrained_model_dir(ray_local, prepared_pretrain, tmp_path_factory):
-    """A tiny model pretrained by `raylm train` (2 workers, ZeRO-2) on the session corpus, exported.
+def pretrained_model_dir(prepared_pretrain, tmp_path_factory):
+    """A tiny model pretrained by raylm's loop (2 ranks, ZeRO-2) on the session corpus, exported.
 
-    Its users need a base that `raylm train` wrote and exported, not a good model: 12 steps."""
+    Its users need a base that raylm's loop wrote and `raylm export` exported, not a good model:
+    12 steps."""
     root = tmp_path_factory.mktemp("pretrained")
     train_and_export("pretrain", root / "runs", root / "export", [
         f"train.datasets=[{prepared_pretrain.output}]",

@@ -1,7 +1,8 @@
 """Full fine-tuning: ZeRO-3 loads `model.init_from` straight into partitions, and packed SFT rows
 give the same loss as the same conversations unpacked.
 
-The ZeRO-3 run is 2 Ray Train workers x 2 steps of SFT from the session's pretrained export.
+The ZeRO-3 run is raylm's loop on 2 local ranks (``tests.mp_loop``) x 2 steps of SFT from the
+session's pretrained export.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import torch
 
 from cluster.config import load_config
 from tests.conftest import prepare_data
+from tests.mp_loop import run_loop
 from training.batch import forward_packed, loss_targets, token_loss
 from training.export import export
-from training.launcher import run_dir, train
+from training.launcher import plan_job, run_dir
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_zero3_sft_from_export_loads_partitioned_and_exports(
-    ray_local, prepared_sft, pretrained_model_dir, tmp_path
+    prepared_sft, pretrained_model_dir, tmp_path
 ) -> None:
     from safetensors.torch import load_file
 
@@ -40,7 +42,7 @@ def test_zero3_sft_from_export_loads_partitioned_and_exports(
         "scaling.num_workers=2",
         "deepspeed.zero_stage=3",
     ])  # fmt: skip
-    train(cfg)
+    run_loop(plan_job(cfg), world=2)
     total = sum(
         t.numel() for t in load_file(str(pretrained_model_dir / "model.safetensors")).values()
     )
