@@ -391,5 +391,5 @@ def run_eval(cfg: EvalConfig, name: str, progress: bool = False) -> dict[str, An
     harness = (lambda: run_harness(hp)) if hp is not None else None
     if cfg.distributed:
         return evaluate(plan, lambda: ray_generate_session(plan, progress), harness,
-                        perplexity_fn=ray_perplexity)  # fmt: skip
+                        perplexity_fn=ray_perplexity, single_call=True)  # fmt: skip
     return evaluate(plan, lambda: engine_session(plan, progress), harness)

@@ -60,6 +60,7 @@ __all__ = [
     "read_preference_file",
     "read_task_file",
     "run_perplexity",
+    "one_pass",
     "run_preference_generation",
     "run_tasks",
 ]
@@ -556,6 +557,30 @@ def _generate_checked(generate: Generate, records: list[TaskRecord], max_new: in
     return preds
 
 
+def one_pass(generate: Generate, plan: EvalPlan) -> Generate:
+    """Call ``generate`` once, now, on every prompt that :func:`run_tasks` and then
+    :func:`run_preference_generation` will ask for (all with ``eval.max_new_tokens``); the
+    returned Generate hands its answers out to those calls, in their order. For a generate that
+    starts work per call (``eval.distributed``: a ``raylm generate`` job whose actors each load
+    the model) that is one job for the whole eval instead of one per task and preference file."""
+    records = [r for recs in plan.tasks.values() for r in recs] + [
+        TaskRecord(r.source, "preference", r.prompt, "")
+        for recs in plan.preference.values() for r in recs
+    ]  # fmt: skip
+    answers = _generate_checked(generate, records, plan.cfg.max_new_tokens) if records else []
+    given = 0
+
+    def replay(conversations: list[Messages], max_new_tokens: int) -> list[str]:
+        nonlocal given
+        asked = [r.messages for r in records[given : given + len(conversations)]]
+        if max_new_tokens != plan.cfg.max_new_tokens or asked != conversations:
+            raise RuntimeError("one_pass: asked for prompts other than the planned ones, in order")
+        given += len(conversations)
+        return answers[given - len(conversations) : given]
+
+    return replay
+
+
 def _normalized(text: str) -> str:
     return " ".join(text.split())
 
@@ -616,9 +641,12 @@ def evaluate(
     session: GenerateSession | None = None,
     harness: Harness | None = None,
     perplexity_fn: Perplexity | None = None,
+    single_call: bool = False,
 ) -> dict[str, Any]:
     """Run perplexity (``perplexity_fn`` when given, else in this process), the tasks through
-    ``session()``, then ``harness()``; write and return eval.json's content."""
+    ``session()``, then ``harness()``; write and return eval.json's content. ``single_call``:
+    the session's generate is called once for every task and preference prompt
+    (:func:`one_pass`); each task's ``seconds`` is then its scoring alone."""
     t0 = time.perf_counter()
     perplexity, preference = _forward_scores(plan, perplexity_fn)
     t1 = time.perf_counter()
@@ -629,6 +657,8 @@ def evaluate(
             raise ValueError("eval.tasks is set but no generate session was given")
         with session() as generate:
             load_s = time.perf_counter() - t1
+            if single_call:
+                generate = one_pass(generate, plan)
             tasks = run_tasks(plan, generate)
             run_preference_generation(plan, generate, preference)
     t2 = time.perf_counter()
