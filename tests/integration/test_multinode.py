@@ -67,7 +67,11 @@ class LoopbackCluster:
                    RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0",
                    # the local S3 server's dummy credentials, as nodes would hold real ones
                    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1", **TEST_RAY_ENV)  # fmt: skip
+                   AWS_DEFAULT_REGION="us-east-1", **TEST_RAY_ENV,
+                   # The GCS declares a SIGKILLed node dead after 5 failed checks: one a second
+                   # (5 s) instead of Ray's one per 3 s (15 s), which the serve test waits out.
+                   # A live but busy raylet keeps Ray's 10 s to answer each check.
+                   RAY_health_check_period_ms="1000")  # fmt: skip
         self.env = env  # what a user's shell on the cluster has: ray and raylm on PATH, the token
         self._taken: set[int] = set()
         self.gcs_port, self.dash_port = self._port(), self._port()
@@ -410,9 +414,12 @@ def test_prepare_and_train_jobs_spread_resume_and_refuse_local_storage(cluster, 
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "resume"] == [4]
 
-    # A node-local storage path is refused by the probe before any worker starts.
-    local = _run([*submit, "--", "raylm", "train", str(cfg), "--set", "name=mn-local", "--set",
-                  f"train.storage_path={cluster.node_local}/runs"], cluster.env)  # fmt: skip
+    # A node-local storage path is refused by the probe before any worker starts; run by a
+    # driver on the head node (RAY_ADDRESS) rather than a third job: the same preflight, without a
+    # job's working-dir upload and supervisor.
+    local = _run([str(BIN / "raylm"), "train", str(cfg), "--set", "name=mn-local", "--set",
+                  f"train.storage_path={cluster.node_local}/runs"],
+                 {**cluster.env, "RAY_ADDRESS": cluster.gcs}, cwd=cluster.base)  # fmt: skip
     out = local.stdout + local.stderr
     assert local.returncode != 0 and "is not shared by the 2 nodes" in out, out[-4000:]
     assert "RayTrainWorker" not in out
