@@ -55,12 +55,12 @@ __all__ = [
     "format_table",
     "load_eval_model",
     "load_report",
+    "one_pass",
     "perplexity_row",
     "plan_eval",
     "read_preference_file",
     "read_task_file",
     "run_perplexity",
-    "one_pass",
     "run_preference_generation",
     "run_tasks",
 ]
@@ -557,16 +557,20 @@ def _generate_checked(generate: Generate, records: list[TaskRecord], max_new: in
     return preds
 
 
+def _preference_prompts(records: list[PairRecord]) -> list[TaskRecord]:
+    """A preference file's prompts as generation records (no reference: scored against both
+    answers)."""
+    return [TaskRecord(r.source, "preference", r.prompt, "") for r in records]
+
+
 def one_pass(generate: Generate, plan: EvalPlan) -> Generate:
     """Call ``generate`` once, now, on every prompt that :func:`run_tasks` and then
     :func:`run_preference_generation` will ask for (all with ``eval.max_new_tokens``); the
     returned Generate hands its answers out to those calls, in their order. For a generate that
     starts work per call (``eval.distributed``: a ``raylm generate`` job whose actors each load
     the model) that is one job for the whole eval instead of one per task and preference file."""
-    records = [r for recs in plan.tasks.values() for r in recs] + [
-        TaskRecord(r.source, "preference", r.prompt, "")
-        for recs in plan.preference.values() for r in recs
-    ]  # fmt: skip
+    records = [r for recs in plan.tasks.values() for r in recs]
+    records += [r for recs in plan.preference.values() for r in _preference_prompts(recs)]
     answers = _generate_checked(generate, records, plan.cfg.max_new_tokens) if records else []
     given = 0
 
@@ -594,8 +598,7 @@ def run_preference_generation(
     for entry, records in zip(scores, plan.preference.values(), strict=True):
         t0 = time.perf_counter()
         preds = [_normalized(p) for p in _generate_checked(
-            generate, [TaskRecord(r.source, "preference", r.prompt, "") for r in records],
-            plan.cfg.max_new_tokens)]  # fmt: skip
+            generate, _preference_prompts(records), plan.cfg.max_new_tokens)]  # fmt: skip
         chosen = [p == _normalized(r.chosen) for p, r in zip(preds, records, strict=True)]
         rejected = [p == _normalized(r.rejected) for p, r in zip(preds, records, strict=True)]
         entry["metrics"]["greedy_chosen"] = 100.0 * float(np.mean(chosen))
