@@ -1,4 +1,4 @@
-"""raylm's per-worker loop on N local processes (multiprocessing + gloo), without Ray.
+"""raylm's per-worker loop on N local processes (torch.multiprocessing + gloo), without Ray.
 
 For the numerics tests (ZeRO stage equivalence, SFT loss splits): the loop takes its rank, world
 size and reporting as arguments (``training.loop.WorkerIO``), so the same ``run_worker`` that Ray
