@@ -95,7 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cluster.config import write_resolved
     from cluster.ray_env import ray_session
     from training.errors import Preempted, RunLockedError, TrainConfigError
-    from training.launcher import open_run, plan_job, train
+    from training.launcher import FinishedRun, open_run, plan_job, train
     from training.preempt import EXIT_PREEMPTED
 
     try:
@@ -116,6 +116,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Preempted as exc:
         print(f"raylm train: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
+    if isinstance(result, FinishedRun):
+        print(
+            f"raylm train: run {cfg.name!r} already finished at step {result.step}: nothing to train"
+        )
     print(f"raylm train: run dir {run.uri}; latest checkpoint {result.checkpoint}")
     if cfg.train.export_dir:
         print(f"raylm train: exported to {Path(cfg.train.export_dir).resolve()}")

@@ -208,11 +208,11 @@ def _prepare(cfg: RaylmConfig) -> str:
 
 
 def _train(cfg: RaylmConfig, out: Outcome, key: str) -> str:
-    """2 Ray Train workers under ZeRO-2; a finished run resumes from its last checkpoint at once."""
-    from training.launcher import plan_job, run_dir, train
+    """2 Ray Train workers under ZeRO-2; a finished run is reused without starting any worker."""
+    from training.launcher import finished_checkpoint, plan_job, run_dir, train
 
     job = plan_job(cfg)
-    reused = _finished(run_dir(cfg), job.config_hash, job.total_steps)
+    reused = finished_checkpoint(run_dir(cfg), job) is not None
     if not reused:
         write_resolved(cfg, run_dir(cfg))
         train(cfg, job)
@@ -229,19 +229,6 @@ def _train(cfg: RaylmConfig, out: Outcome, key: str) -> str:
     out.artifacts[f"{key} run"] = str(run_dir(cfg))
     out.numbers[key] = detail
     return detail + (" (reused)" if reused else "")
-
-
-def _finished(run: Path, config_hash: str, total_steps: int) -> bool:
-    """A run of this exact config whose newest intact checkpoint is its last step: no need to
-    start workers only to find there is nothing left to train."""
-    from training.errors import CheckpointError
-    from training.export import find_checkpoint
-
-    try:
-        _, state = find_checkpoint(run)
-    except CheckpointError:
-        return False
-    return state.config_hash == config_hash and state.step >= total_steps
 
 
 def _export(cfg: RaylmConfig, dest: Path, out: Outcome, key: str) -> str:

@@ -6,7 +6,8 @@ Train runs also runs here, at a fraction of a Ray Train run's start-up: the rank
 one fork server per test process, which has imported torch, DeepSpeed, transformers' Llama and the
 loop (a rank starts in well under a second instead of ~4 s of imports). Checkpoints are written as
 ``raylm train`` writes them on a local storage path: every rank's files in place in
-``run_dir/<checkpoint name>``, so ``raylm export`` reads them. What only Ray does (restarts,
+``run_dir/<checkpoint name>``, so ``raylm export`` reads them, and a run dir that has checkpoints
+resumes from the newest that verifies. What only Ray does (restarts,
 SIGTERM, S3, placement) stays tested through ``raylm train``.
 """
 
@@ -48,6 +49,7 @@ def _worker(
 ) -> None:
     import torch
 
+    from training.checkpoint import checkpoint_dirs
     from training.loop import run_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -56,7 +58,9 @@ def _worker(
     torch.set_num_threads(1)  # the ranks share the cores, as Ray's workers do
     hooks = hooks or WorkerHooks()
     for job in jobs:  # one after another in the same processes and process group
+        # A run dir with checkpoints resumes from them, newest first, as `raylm train` does.
         io = WorkerIO(rank=rank, world_size=world, report=_StoreCheckpoints(job.run_dir),
+                      resume_candidates=functools.partial(checkpoint_dirs, job.run_dir),
                       after_step=hooks.after_step, before_update=hooks.before_update,
                       checkpoint_root=Path(job.run_dir))  # fmt: skip
         run_worker(job, io)

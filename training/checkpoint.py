@@ -36,6 +36,7 @@ __all__ = [
     "HF_CONFIG_NAME",
     "STATE_NAME",
     "TrainState",
+    "checkpoint_dirs",
     "checkpoint_name",
     "git_commit",
     "load_rng",
@@ -76,6 +77,12 @@ class TrainState:
 def checkpoint_name(state: TrainState) -> str:
     """Dir name of the checkpoint of ``state`` (a re-trained step sorts after its broken twin)."""
     return f"checkpoint_{state.step:08d}{state.lineage}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """A run dir's checkpoint dirs, newest first (a ``_fromNNNNNNNN`` re-train before its broken
+    twin of the same step)."""
+    return sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()), reverse=True)
 
 
 def package_versions() -> dict[str, str]:

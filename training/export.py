@@ -31,6 +31,7 @@ from training.checkpoint import (
     HF_CONFIG_NAME,
     STATE_NAME,
     TrainState,
+    checkpoint_dirs,
     git_commit,
     package_versions,
     verify_checkpoint,
@@ -61,7 +62,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, TrainState]:
         raise CheckpointError(f"{root}: no such run or checkpoint dir")
     if (root / STATE_NAME).is_file() or (root / "latest").is_file():
         return root, verify_checkpoint(root)
-    candidates = sorted((p for p in root.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    candidates = checkpoint_dirs(root)
     if not candidates:
         raise CheckpointError(f"{root}: neither a checkpoint nor a run dir with checkpoints")
     skipped: list[str] = []

@@ -20,7 +20,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.checkpoint import git_commit, package_versions, read_state, resume_mismatch
+from training.checkpoint import (
+    TrainState,
+    checkpoint_dirs,
+    git_commit,
+    package_versions,
+    read_state,
+    resume_mismatch,
+)
 from training.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
 from training.ds_config import batch_plan, build_ds_config
@@ -30,7 +37,7 @@ from training.lora import check_lora_targets, embedding_modules
 from training.model import hf_config, meta_model, model_max_positions, packing_problem
 from training.observe import driver_progress, mark_worker_warnings, resolve_trackers
 from training.preempt import driver_sigterm
-from training.records import EVENTS_NAME, METRICS_NAME, read_events
+from training.records import EVENTS_NAME, METRICS_NAME, append_event, read_events
 from training.storage import (
     RunView,
     check_s3_storage,
@@ -51,7 +58,16 @@ if TYPE_CHECKING:
 
     from cluster.config import RaylmConfig
 
-__all__ = ["job_from_dict", "job_to_dict", "open_run", "plan_job", "run_dir", "train"]
+__all__ = [
+    "FinishedRun",
+    "finished_checkpoint",
+    "job_from_dict",
+    "job_to_dict",
+    "open_run",
+    "plan_job",
+    "run_dir",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -380,14 +396,16 @@ def _ray_report(
 
 
 def _resume_candidates(job: WorkerJob) -> list[Path]:
-    """Ray's latest checkpoint first, then older ones in the run dir, newest first."""
+    """Ray's latest checkpoint first, then the others in the run dir, newest first. Without Ray's
+    record of the run (checkpoints copied into a new storage path, or written by another launcher)
+    the run dir's checkpoints alone, as the driver's resume check and ``raylm export`` see them."""
     import ray.train
 
     latest = ray.train.get_checkpoint()
+    older = checkpoint_dirs(job.run_dir)
     if latest is None:
-        return []
+        return older
     first = Path(latest.path)
-    older = sorted((p for p in Path(job.run_dir).glob("checkpoint_*") if p.is_dir()), reverse=True)
     return [first] + [p for p in older if p.resolve() != first.resolve()]
 
 
@@ -506,7 +524,7 @@ def _check_resume(cfg: RaylmConfig, rd: Path, job: WorkerJob) -> None:
     resume cannot keep (seed, datasets, task, shapes, ZeRO stage, precision, world size), naming
     each key with its old and new value. Reads the newest readable state file only (no hashing);
     the workers still verify what they load. S3 runs are checked by the workers alone."""
-    for cand in sorted((p for p in rd.glob("checkpoint_*") if p.is_dir()), reverse=True):
+    for cand in checkpoint_dirs(rd):
         try:
             saved = read_state(cand)
         except (OSError, ValueError, TypeError, CheckpointError):
@@ -521,26 +539,56 @@ def _check_resume(cfg: RaylmConfig, rd: Path, job: WorkerJob) -> None:
         return
 
 
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """What :func:`train` returns when the run had nothing left to train (else Ray's Result)."""
+
+    checkpoint: Any  # ray.train.Checkpoint of the last step
+    path: str
+    step: int
+    error: None = None
+
+
+def finished_checkpoint(rd: Path, job: WorkerJob) -> tuple[Path, TrainState] | None:
+    """The run's newest intact checkpoint when it holds the job's last step under the same resume
+    keys: a re-run would resume there and train nothing, so no worker needs to start."""
+    from training.export import find_checkpoint
+
+    try:
+        ckpt, state = find_checkpoint(rd)
+    except CheckpointError:
+        return None
+    if state.step < job.total_steps or resume_mismatch(state.resume_keys, job.resume_keys):
+        return None
+    return ckpt, state
+
+
 def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
     """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
-    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
+    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM.
+
+    A local run whose last step is already checkpointed (and verifies) starts no worker: the
+    driver records the resume (``finished: true``) and goes on to the export. S3 runs leave this
+    to the workers."""
     with open_run(cfg) as run:
         rd = run.local
+        done = None
         if run.fs is None:
             _check_resume(cfg, rd, job)
-        run.sync()  # S3: the resolved config goes up before the workers start
-        events_before = len(read_events(rd))
-        progress = sys.stderr.isatty() if cfg.train.progress is None else cfg.train.progress
-        with (
-            driver_sigterm(rd),
-            run.follow(progress),
-            driver_progress(rd, job.total_steps, cfg.train.progress),
-        ):
-            result = trainer.fit()
-        run.sync(pull=[EVENTS_NAME, METRICS_NAME])  # S3: what the workers wrote, for the checks
-        stops = [e for e in read_events(rd)[events_before:] if e["event"] == "preempt"]
-        if stops:
-            raise Preempted(stops[-1]["step"], stops[-1]["reason"])
+            done = finished_checkpoint(rd, job)
+        if done is not None:
+            import ray.train
+
+            ckpt, state = done
+            append_event(rd, "resume", step=state.step, checkpoint=str(ckpt), skipped=[],
+                         finished=True)  # fmt: skip
+            log.info("run %s already finished at step %d (%s): nothing to train", cfg.name,
+                     state.step, ckpt)  # fmt: skip
+            result = FinishedRun(
+                ray.train.Checkpoint.from_directory(str(ckpt)), str(rd), state.step
+            )
+        else:
+            result = _fit_workers(cfg, job, trainer, run)
         if cfg.train.export_dir:
             from training.export import export
 
@@ -548,4 +596,22 @@ def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
             out = export(src, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype,
                          filesystem=run.fs, max_shard_size=cfg.train.export_max_shard_size)  # fmt: skip
             log.info("exported %s to %s", run.uri, out)
+    return result
+
+
+def _fit_workers(cfg: RaylmConfig, job: WorkerJob, trainer: Any, run: RunView) -> Any:
+    rd = run.local
+    run.sync()  # S3: the resolved config goes up before the workers start
+    events_before = len(read_events(rd))
+    progress = sys.stderr.isatty() if cfg.train.progress is None else cfg.train.progress
+    with (
+        driver_sigterm(rd),
+        run.follow(progress),
+        driver_progress(rd, job.total_steps, cfg.train.progress),
+    ):
+        result = trainer.fit()
+    run.sync(pull=[EVENTS_NAME, METRICS_NAME])  # S3: what the workers wrote, for the checks
+    stops = [e for e in read_events(rd)[events_before:] if e["event"] == "preempt"]
+    if stops:
+        raise Preempted(stops[-1]["step"], stops[-1]["reason"])
     return result

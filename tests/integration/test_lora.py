@@ -1,7 +1,9 @@
-"""LoRA fine-tuning through `raylm train` (2 Ray Train workers, ZeRO-2) and `raylm export`.
+"""LoRA fine-tuning (2 ranks, ZeRO-2) and `raylm export`.
 
-One module-scoped run on the session's packed SFT data, starting from the session's pretrained
-export; the export, resume and bad-input tests share it.
+One module-scoped run of the loop on the session's packed SFT data, starting from the session's
+pretrained export (forked ranks: the loop is what trains the adapters, Ray Train only runs it); the
+export, resume and bad-input tests share it. The resume goes through Ray Train: a copy of that run
+dir, which Ray has no record of, resumes from its adapter checkpoint with more steps.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from cluster.config import load_config
+from tests.mp_loop import run_loop
 from training.errors import TrainConfigError
 from training.export import consolidated_state_dict, export, find_checkpoint
 from training.launcher import plan_job, run_dir, train
@@ -51,7 +54,7 @@ def _cfg(prepared_sft, base: Path, storage: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def lora_run(ray_local, prepared_sft, pretrained_model_dir, tmp_path_factory):
     cfg = _cfg(prepared_sft, pretrained_model_dir, tmp_path_factory.mktemp("lora_runs"))
-    train(cfg)
+    run_loop(plan_job(cfg), world=cfg.scaling.num_workers)
     return cfg
 
 
@@ -116,7 +119,7 @@ def test_rerun_with_more_steps_resumes_from_adapter_checkpoint(
     cfg = _cfg(prepared_sft, pretrained_model_dir, storage, "train.max_steps=6")
     train(cfg)
     resumes = [e for e in read_events(run_dir(cfg)) if e["event"] == "resume"]
-    assert resumes and resumes[-1]["step"] == 4
+    assert resumes and resumes[-1]["step"] == 4 and "finished" not in resumes[-1]
     state = find_checkpoint(run_dir(cfg))[1]
     assert state.step == 6
 

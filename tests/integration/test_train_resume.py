@@ -33,6 +33,7 @@ from training.errors import Preempted, TrainConfigError
 from training.launcher import plan_job, run_dir, train
 from training.loop import WorkerHooks
 from training.records import read_events, read_row_ids
+from training.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 8
@@ -234,17 +235,31 @@ def _copy_run(cfg, tmp_path: Path, prepared, *overrides: str):
     return copy
 
 
-def test_driver_rerun_of_finished_run_resumes_and_trains_nothing(
+def test_rerun_of_a_finished_run_starts_no_worker_and_still_exports(
     fault, prepared_pretrain, tmp_path
 ) -> None:
-    cfg = _copy_run(fault, tmp_path, prepared_pretrain)
-    before = (run_dir(cfg) / "metrics.jsonl").read_bytes()
-    _run(cfg)
-    last = read_events(run_dir(cfg))[-1]
-    assert (last["event"], last["step"]) == ("resume", STEPS)
+    from training.launcher import FinishedRun
+
+    export = tmp_path / "hf"
+    cfg = _copy_run(fault, tmp_path, prepared_pretrain, f"train.export_dir={export}")
+    rd = run_dir(cfg)
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(rd)): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in rd.rglob("*")
+                if p.is_file() and p.name not in ("events.jsonl", LOCK_NAME)}  # fmt: skip
+
+    before = files()
+    result = _run(cfg)
+    assert isinstance(result, FinishedRun) and result.step == STEPS
+    assert Path(result.checkpoint.path).name == "checkpoint_00000008"
+    last = read_events(rd)[-1]
+    assert (last["event"], last["step"], last["finished"]) == ("resume", STEPS, True)
     assert Path(last["checkpoint"]).name == "checkpoint_00000008" and last["skipped"] == []
-    # A fresh start would have rewritten every row (tokens_per_s differs run to run).
-    assert (run_dir(cfg) / "metrics.jsonl").read_bytes() == before
+    # No worker ran: no file of the run dir but the events and the driver's lock was written (a
+    # worker rewrites workers/rank_N.json, trims metrics.jsonl and the row-id records at start).
+    assert files() == before
+    assert json.loads((export / "provenance.json").read_text())["step"] == STEPS
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(
