@@ -49,27 +49,6 @@ def _wait_until_seen(timeout_s: float = 30.0) -> None:
 
 
 @dataclass
-class KillOnceCheckpointed(KillAt):
-    """``KillAt``, but first waits (at most ``wait_s``) until Ray Train has registered the run's
-    checkpoint ``checkpoint`` (its checkpoint_manager_snapshot.json names it): with steps of a
-    few milliseconds the kill could otherwise beat the registration of the last report, and the
-    restarted group would start from scratch instead of resuming."""
-
-    checkpoint: str = ""
-    wait_s: float = 120.0
-
-    def __call__(self, step: int, rank: int) -> None:
-        if step == self.step and rank == self.rank:
-            snapshot = Path(self.run_dir) / "checkpoint_manager_snapshot.json"
-            deadline = time.monotonic() + self.wait_s
-            while time.monotonic() < deadline:
-                if snapshot.is_file() and f'"{self.checkpoint}"' in snapshot.read_text():
-                    break
-                time.sleep(0.1)
-        super().__call__(step, rank)
-
-
-@dataclass
 class SaveGrads:
     """Rank 0 saves the reduced gradients of step ``step`` (ZeRO-0) to ``out``/step{N}.safetensors."""
 

@@ -11,7 +11,8 @@ local processes (``tests.mp_loop``, gloo, no Ray Train) runs:
 - ``z2`` / ``z3``: 2 ranks under ZeRO-2 / ZeRO-3, the same steps as ``z0``;
 - ``lora_pre`` / ``lora_off``: LoRA with the base as reference, precomputed by Ray Data or computed
   in the worker with the adapter switched off;
-and one Ray Train run, ``fault``: ``z3`` again with rank 1 SIGKILLed after step 3.
+- ``resumed``: a copy of ``z3`` without its last checkpoint, resumed from step 2.
+DPO through Ray Train is the quickstart's preference stage.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 
 from cluster.config import load_config
 from tests.conftest import prepare_data
-from tests.faults import KILLED_NAME, KillOnceCheckpointed, SaveGrads
+from tests.faults import SaveGrads
 from tests.mp_loop import run_loop
 from training.data import MixedRows
-from training.launcher import plan_job, run_dir, train
+from training.launcher import plan_job, run_dir
 from training.loop import WorkerHooks
 from training.records import read_events
 from training.reference import ensure_references, read_reference
@@ -274,16 +275,21 @@ def test_reference_is_stored_by_row_id_and_reused(z0, pairs) -> None:
     assert np.all(ref["ref_chosen_logp"] < 0) and np.all(ref["ref_rejected_logp"] < 0)
 
 
-def test_killed_rank_resumes_with_identical_losses(z3, pairs, models, storage) -> None:
-    """Ray Train: z3's run with rank 1 SIGKILLed after its last step (3), max_failures 1; the
-    group restarts from the step-2 checkpoint and logs what the uninterrupted z3 logged."""
-    cfg = _cfg(pairs, models, storage, "fault", "scaling.num_workers=2", "deepspeed.zero_stage=3",
-               "scaling.max_failures=1")  # fmt: skip
-    kill = KillOnceCheckpointed(str(run_dir(cfg)), step=STEPS, rank=1,
-                                checkpoint="checkpoint_00000002")  # fmt: skip
-    train(cfg, hooks=WorkerHooks(after_step=kill))
+def test_resume_from_a_checkpoint_logs_what_the_uninterrupted_run_logged(
+    z3, pairs, models, storage
+) -> None:
+    """z3's run dir as a worker death leaves it: the step-2 checkpoint, the rows of step 3 logged
+    but its checkpoint never written. The same job resumes from step 2 (reference log-probs joined
+    to the rows again by row id) and logs what z3 logged. Ray Train's restart of a killed group is
+    test_train_resume's `fault` run; this is the DPO state that the restart resumes."""
+    import shutil
+
+    cfg = _cfg(pairs, models, storage, "resumed", "scaling.num_workers=2",
+               "deepspeed.zero_stage=3")  # fmt: skip
     rd = run_dir(cfg)
-    assert (rd / KILLED_NAME).read_text() == str(STEPS)
+    shutil.copytree(run_dir(z3), rd)
+    shutil.rmtree(rd / f"checkpoint_{STEPS:08d}")
+    _loop(cfg, 2)
     resumes = [(e["step"], Path(e["checkpoint"]).name) for e in read_events(rd)
                if e["event"] == "resume"]  # fmt: skip
     assert resumes == [(2, "checkpoint_00000002")]
@@ -292,6 +298,7 @@ def test_killed_rank_resumes_with_identical_losses(z3, pairs, models, storage) -
     for key in ("loss", "reward_margin", "reward_accuracy"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-6, abs=1e-9)
     assert got[-1]["eval_reward_margin"] == pytest.approx(ref[-1]["eval_reward_margin"], rel=1e-6)
+    assert (rd / f"checkpoint_{STEPS:08d}").is_dir()
 
 
 def test_export_scores_held_out_pairs_in_raylm_eval(z0, synth_corpus, tmp_path) -> None:
