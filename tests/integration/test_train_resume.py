@@ -10,7 +10,8 @@ chat template), tiny model, 8 steps of 8 rows:
 - ``z2``: 2 Ray Train workers, ZeRO-2, eval every 4 steps, rank 1 sent SIGTERM after step 3 (a
   preempted node), then the same call again, which resumes and finishes; its metrics rows,
   learning-rate warmup and checkpoint pruning are checked too.
-The re-run and corrupt-checkpoint tests work on copies of the fault run's dir.
+The finished-run re-run test works on a copy of the fault run's dir (through `train`, which starts no
+worker for it), the corrupt-checkpoint test on a copy of ``z3``'s (through the loop).
 """
 
 from __future__ import annotations
@@ -263,24 +264,24 @@ def test_rerun_of_a_finished_run_starts_no_worker_and_still_exports(
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(
-    z3, fault, prepared_pretrain, tmp_path
+    z3, prepared_pretrain, tmp_path
 ) -> None:
-    cfg = _copy_run(fault, tmp_path, prepared_pretrain)
+    """A copy of z3 with its last checkpoint cut short, resumed by the loop (as Ray Train's
+    workers run it, from the run dir's checkpoints newest first)."""
+    cfg = _copy_run(z3, tmp_path, prepared_pretrain)
     latest = run_dir(cfg) / "checkpoint_00000008"
     victim = next(latest.glob("global_step8/*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])  # a partial upload
-    _run(cfg)
+    run_loop(dataclasses.replace(plan_job(cfg), record_row_ids=True), world=2)
     last = read_events(run_dir(cfg))[-1]
     assert (last["event"], last["step"]) == ("resume", 6)
     assert Path(last["checkpoint"]).name == "checkpoint_00000006"
     assert len(last["skipped"]) == 1 and "checkpoint_00000008" in last["skipped"][0]
-    # Step 8 trained again and written in place beside its broken twin, complete.
-    assert verify_checkpoint(run_dir(cfg) / "checkpoint_00000008_from00000006").step == STEPS
     assert victim.name in last["skipped"][0]
     got, ref = _metrics(run_dir(cfg)), _metrics(run_dir(z3))
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
-    # Steps 7-8 trained again are stored apart from the broken checkpoint (Ray prunes that entry
-    # later; a fresh checkpoint of the same name would go with it).
+    # Steps 7-8 trained again are stored apart from the broken checkpoint, complete (Ray prunes
+    # that entry later; a fresh checkpoint of the same name would go with it).
     assert verify_checkpoint(run_dir(cfg) / "checkpoint_00000008_from00000006").step == STEPS
     assert read_row_ids(run_dir(cfg)) == read_row_ids(run_dir(z3))
 
