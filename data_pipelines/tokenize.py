@@ -55,14 +55,36 @@ _TOKENIZER_FILES = (
 )
 
 
-def load_tokenizer(path: str | Path):
-    """A fast HF tokenizer from a local directory (no hub access)."""
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that are transformers' plain `tokenizers` wrapper (what
+# `raylm tokenizer train` writes): AutoTokenizer would resolve them to that same class.
+_PLAIN_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
+
+def load_tokenizer(path: str | Path):
+    """A fast HF tokenizer from a local directory (no hub access).
+
+    A plain ``tokenizer.json`` tokenizer loads through its class directly: the same object that
+    AutoTokenizer gives, without AutoTokenizer's imports (torch among them, ~2 s of every
+    tokenizing actor's start). Any other class (the model families' own) goes through AutoTokenizer.
+    """
     p = Path(path)
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise DataError(f"tokenizer {path}: not a tokenizer directory (no tokenizer.json)")
+    if (p / "tokenizer.json").is_file() and _tokenizer_class(p) in _PLAIN_CLASSES:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def _tokenizer_class(p: Path) -> str | None:
+    try:
+        cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # AutoTokenizer reads it again and names the problem
+    return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
 
 
 def check_tokenizer(tok, mode: str, path: str | Path) -> None:

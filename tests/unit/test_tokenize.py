@@ -49,3 +49,27 @@ def test_loss_only_on_assistant_content_and_end_of_turn(tok):
     # The role marker and newline opening an assistant turn are prompt, not target.
     assistant_marker = tok.convert_tokens_to_ids("<|assistant|>")
     assert (labels[ids == assistant_marker] == IGNORE_INDEX).all()
+
+
+def test_raylm_tokenizer_loads_as_autotokenizer_would_without_importing_torch(tok, tmp_path):
+    """`raylm tokenizer train`'s plain tokenizer.json loads through its class directly: the same
+    class and encodings as AutoTokenizer, and (in a fresh process, as a tokenizing actor starts)
+    without AutoTokenizer's import of torch."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from data_pipelines.tokenize import load_tokenizer
+
+    tok.save_pretrained(tmp_path)
+    direct, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert type(direct) is type(auto)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "positive"}]
+    assert direct.all_special_ids == auto.all_special_ids
+    assert direct(CORPUS[0]).input_ids == auto(CORPUS[0]).input_ids
+    assert direct.apply_chat_template(msgs) == auto.apply_chat_template(msgs)
+    code = ("import sys; from data_pipelines.tokenize import load_tokenizer; "
+            f"t = load_tokenizer({str(tmp_path)!r}); t('x'); print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
