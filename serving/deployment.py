@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("raylm.serving.deployment")
+_DRAIN_POLL_S = 0.2
 
 
 class _RayMetrics:
@@ -260,6 +261,10 @@ def build_application(cfg: ServeConfig) -> Any:
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        # How often a stopping replica looks for in-flight requests left: it sleeps one period
+        # before the first look, so Serve's 2 s default is the least any replica takes to stop
+        # (each scale-down, each `raylm serve` exit). The look is a counter read.
+        graceful_shutdown_wait_loop_s=_DRAIN_POLL_S,
     )
     return deployment.bind(cfg.model_dump(mode="json"))
 
