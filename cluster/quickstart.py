@@ -27,6 +27,7 @@ __all__ = [
     "SUMMARY_NAME",
     "cpu_has_bf16",
     "device_overrides",
+    "port_in_use",
     "quickstart_configs",
     "run_quickstart",
 ]
@@ -293,22 +294,33 @@ def _eval(cfg: Configs, out: Outcome) -> str:
 
 def _check_port(host: str, port: int) -> None:
     """A busy local port fails Serve's proxy with an opaque actor error; say which key to change."""
-    import socket
-
     import ray
 
     from cluster.config import ConfigError
 
     if host not in ("127.0.0.1", "localhost") or ray.get_runtime_context().gcs_address is None:
         return
+    problem = port_in_use(host, port)
+    if problem:
+        raise ConfigError(
+            f"serve.port: {host}:{port} is in use ({problem}); choose another, e.g. "
+            f"raylm quickstart --set serve.port={port + 1}"
+        )
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port``, or None. Binds as Serve's proxy (uvicorn)
+    does, with SO_REUSEADDR: the connections a previous run's server closed wait a minute in
+    TIME_WAIT on that port, and they do not stop a new server (nor should they stop a re-run)."""
+    import socket
+
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ConfigError(
-                f"serve.port: {host}:{port} is in use ({exc.strerror}); choose another, e.g. "
-                f"raylm quickstart --set serve.port={port + 1}"
-            ) from None
+            return exc.strerror or str(exc)
+    return None
 
 
 def _chat(url: str, model: str, prompt: str) -> dict[str, Any]:

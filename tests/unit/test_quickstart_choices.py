@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.config import load_config
 from cluster.quickstart import (
     CONFIG_DIR,
@@ -48,3 +50,25 @@ def test_every_stage_path_moves_under_the_workdir(tmp_path) -> None:
     assert cfg.dpo.train.storage_path == f"{root}/train"
     assert cfg.dpo.data.inputs == [f"{root}/corpus/preference/train"]
     assert cfg.eval.eval.preference_data == [f"{root}/corpus/preference/heldout/style.jsonl"]
+
+
+def test_a_listening_port_is_in_use_but_time_wait_connections_are_not() -> None:
+    """The serve stage's port check: a live listener is refused; the TIME_WAIT connections that a
+    previous run's server closed (a re-run within a minute) are not, as they do not stop Serve."""
+    import socket
+
+    from cluster.quickstart import port_in_use
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn listens
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server closes first: its side of the port waits in TIME_WAIT
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the check did before: refused
+    assert port_in_use("127.0.0.1", port) is None
