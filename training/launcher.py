@@ -27,6 +27,7 @@ from training.checkpoint import (
     package_versions,
     read_state,
     resume_mismatch,
+    verify_checkpoint,
 )
 from training.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
 from training.data import DatasetInfo, dataset_info, epoch_order
@@ -551,16 +552,23 @@ class FinishedRun:
 
 def finished_checkpoint(rd: Path, job: WorkerJob) -> tuple[Path, TrainState] | None:
     """The run's newest intact checkpoint when it holds the job's last step under the same resume
-    keys: a re-run would resume there and train nothing, so no worker needs to start."""
-    from training.export import find_checkpoint
+    keys: a re-run would resume there and train nothing, so no worker needs to start.
 
-    try:
-        ckpt, state = find_checkpoint(rd)
-    except CheckpointError:
-        return None
-    if state.step < job.total_steps or resume_mismatch(state.resume_keys, job.resume_keys):
-        return None
-    return ckpt, state
+    Only a checkpoint of the last step is hashed (its integrity manifest, as the workers check it):
+    a run with steps left is told by the state file alone, and its workers verify what they load.
+    """
+    for cand in checkpoint_dirs(rd):
+        try:
+            state = read_state(cand)
+        except (OSError, ValueError, TypeError):
+            continue  # incomplete: the workers skip it too
+        if state.step < job.total_steps or resume_mismatch(state.resume_keys, job.resume_keys):
+            return None
+        try:
+            return cand, verify_checkpoint(cand)
+        except CheckpointError:
+            continue  # e.g. a truncated last checkpoint beside its re-trained twin
+    return None
 
 
 def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:

@@ -219,3 +219,47 @@ def test_in_place_manifests_share_the_files_and_catch_a_truncated_one(tmp_path) 
     victim.write_bytes(victim.read_bytes()[:5])
     with pytest.raises(CheckpointError, match="zero_pp_rank_1_optim.pt"):
         verify_checkpoint(tmp_path)
+
+
+def test_finished_checkpoint_is_the_last_step_that_verifies_and_hashes_nothing_else(
+    tmp_path, monkeypatch
+) -> None:
+    """What lets a re-run skip its workers: a verified checkpoint of the last step. A run with
+    steps left is told by its newest state file, without hashing a checkpoint (the workers verify
+    what they load; a second hash of a large model's optimizer state would cost minutes)."""
+    from types import SimpleNamespace
+
+    import training.checkpoint as ckpt_mod
+    from training.checkpoint import TrainState, write_integrity, write_state
+    from training.launcher import finished_checkpoint
+
+    keys = {"seed": 0}
+
+    def ckpt(name: str, step: int, corrupt: bool = False) -> Path:
+        d = tmp_path / name
+        (d / f"global_step{step}").mkdir(parents=True)
+        (d / f"global_step{step}" / "optim_states.pt").write_bytes(b"x" * 64)
+        write_state(d, TrainState(step=step, resume_keys=keys))
+        write_integrity(d, 0)
+        if corrupt:  # a partial upload
+            (d / f"global_step{step}" / "optim_states.pt").write_bytes(b"x" * 8)
+        hashed.clear()  # what writing the manifest hashed
+        return d
+
+    hashed: list[Path] = []
+    real = ckpt_mod._sha256
+    monkeypatch.setattr(ckpt_mod, "_sha256", lambda p: hashed.append(p) or real(p))
+    job = SimpleNamespace(total_steps=8, resume_keys=keys)
+    assert finished_checkpoint(tmp_path, job) is None  # no checkpoint yet
+    ckpt("checkpoint_00000006", 6)
+    assert finished_checkpoint(tmp_path, job) is None and hashed == []  # steps left
+    ckpt("checkpoint_00000008", 8, corrupt=True)
+    assert finished_checkpoint(tmp_path, job) is None  # broken: the workers fall back to step 6
+    twin = ckpt("checkpoint_00000008_from00000006", 8)
+    found, state = finished_checkpoint(tmp_path, job)
+    assert found == twin and state.step == 8
+    hashed.clear()  # what verifying the twin hashed
+    more = SimpleNamespace(total_steps=10, resume_keys=keys)  # train.max_steps raised
+    assert finished_checkpoint(tmp_path, more) is None and hashed == []
+    other = SimpleNamespace(total_steps=8, resume_keys={"seed": 1})  # refused by the driver anyway
+    assert finished_checkpoint(tmp_path, other) is None
