@@ -608,6 +608,7 @@ def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
 
 
 def _fit_workers(cfg: RaylmConfig, job: WorkerJob, trainer: Any, run: RunView) -> Any:
+    """Ray Train's ``fit()`` with the driver's SIGTERM handler, log follower and progress bar."""
     rd = run.local
     run.sync()  # S3: the resolved config goes up before the workers start
     events_before = len(read_events(rd))
