@@ -95,7 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cluster.config import write_resolved
     from cluster.ray_env import ray_session
     from training.errors import Preempted, RunLockedError, TrainConfigError
-    from training.launcher import FinishedRun, open_run, plan_job, train
+    from training.launcher import FinishedRun, finish_if_done, open_run, plan_job, train
     from training.preempt import EXIT_PREEMPTED
 
     try:
@@ -107,9 +107,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # S3: the lock is a lease object and run.local a mirror uploaded as the run goes.
         with open_run(cfg) as run:
             write_resolved(cfg, run.local)
-            with ray_session(cfg.ray, run.local, args.verbose):
-                _require_shared_storage(cfg, run.fs)
-                result = train(cfg, job)
+            result = finish_if_done(cfg, job)  # a finished run needs neither workers nor Ray
+            if result is None:
+                with ray_session(cfg.ray, run.local, args.verbose):
+                    _require_shared_storage(cfg, run.fs)
+                    result = train(cfg, job)
     except RunLockedError as exc:
         print(f"raylm train: {exc}", file=sys.stderr)
         return 1

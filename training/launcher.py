@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FinishedRun",
+    "finish_if_done",
     "finished_checkpoint",
     "job_from_dict",
     "job_to_dict",
@@ -474,7 +475,8 @@ def _worker_io(
 
 
 def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | None = None) -> Any:
-    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result.
+    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result, or a
+    :class:`FinishedRun` when the run had nothing left to train (:func:`finish_if_done`).
 
     ``hooks`` are callables handed to every worker's loop (they travel by cloudpickle in
     ``train_loop_config``): the tests' fault injection and gradient capture. None in production.
@@ -486,6 +488,9 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | N
     from training.ray_backend import PreemptibleTorchConfig
 
     job = job or plan_job(cfg)
+    finished = finish_if_done(cfg, job)
+    if finished is not None:
+        return finished
     sc = cfg.scaling
     if job.reference:  # DPO: the reference log-probs, once, before any worker starts
         from training.reference import ensure_references
@@ -571,40 +576,50 @@ def finished_checkpoint(rd: Path, job: WorkerJob) -> tuple[Path, TrainState] | N
     return None
 
 
-def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
-    """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
-    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM.
-
-    A local run whose last step is already checkpointed (and verifies) starts no worker: the
-    driver records the resume (``finished: true``) and goes on to the export. S3 runs leave this
-    to the workers."""
+def finish_if_done(cfg: RaylmConfig, job: WorkerJob) -> FinishedRun | None:
+    """A local run whose last step is already checkpointed (and verifies) needs no worker, nor
+    Ray: under the run lock, record the resume (``finished: true``), export when configured, and
+    return a :class:`FinishedRun`. None otherwise (S3 runs leave this to the workers); a run with
+    steps left costs a state-file read here."""
+    if is_s3(cfg.train.storage_path):
+        return None
     with open_run(cfg) as run:
         rd = run.local
-        done = None
+        _check_resume(cfg, rd, job)
+        done = finished_checkpoint(rd, job)
+        if done is None:
+            return None
+        import ray.train  # the Checkpoint class only: no Ray instance is needed
+
+        ckpt, state = done
+        append_event(rd, "resume", step=state.step, checkpoint=str(ckpt), skipped=[],
+                     finished=True)  # fmt: skip
+        log.info("run %s already finished at step %d (%s): nothing to train", cfg.name,
+                 state.step, ckpt)  # fmt: skip
+        _export(cfg, run)
+        return FinishedRun(ray.train.Checkpoint.from_directory(str(ckpt)), str(rd), state.step)
+
+
+def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
+    """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
+    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
+    with open_run(cfg) as run:
         if run.fs is None:
-            _check_resume(cfg, rd, job)
-            done = finished_checkpoint(rd, job)
-        if done is not None:
-            import ray.train
-
-            ckpt, state = done
-            append_event(rd, "resume", step=state.step, checkpoint=str(ckpt), skipped=[],
-                         finished=True)  # fmt: skip
-            log.info("run %s already finished at step %d (%s): nothing to train", cfg.name,
-                     state.step, ckpt)  # fmt: skip
-            result = FinishedRun(
-                ray.train.Checkpoint.from_directory(str(ckpt)), str(rd), state.step
-            )
-        else:
-            result = _fit_workers(cfg, job, trainer, run)
-        if cfg.train.export_dir:
-            from training.export import export
-
-            src = run.uri if run.fs is not None else rd
-            out = export(src, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype,
-                         filesystem=run.fs, max_shard_size=cfg.train.export_max_shard_size)  # fmt: skip
-            log.info("exported %s to %s", run.uri, out)
+            _check_resume(cfg, run.local, job)
+        result = _fit_workers(cfg, job, trainer, run)
+        _export(cfg, run)
     return result
+
+
+def _export(cfg: RaylmConfig, run: RunView) -> None:
+    """``train.export_dir``, when set: the run's newest intact checkpoint as a HF model dir."""
+    if cfg.train.export_dir:
+        from training.export import export
+
+        src = run.uri if run.fs is not None else run.local
+        out = export(src, Path(cfg.train.export_dir).resolve(), dtype=cfg.train.export_dtype,
+                     filesystem=run.fs, max_shard_size=cfg.train.export_max_shard_size)  # fmt: skip
+        log.info("exported %s to %s", run.uri, out)
 
 
 def _fit_workers(cfg: RaylmConfig, job: WorkerJob, trainer: Any, run: RunView) -> Any:

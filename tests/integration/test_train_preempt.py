@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,3 +140,16 @@ def test_sigterm_to_driver_checkpoints_stops_and_the_same_command_resumes(
     assert prov["step"] == STEPS and f"exported to {export}" in done.stdout
     model = AutoModelForCausalLM.from_pretrained(str(export), local_files_only=True)
     assert model.config.vocab_size > 0
+
+    # The same command once more: the run is finished, so it starts neither Ray nor a worker, and
+    # still exports.
+    shutil.rmtree(export)
+    again = subprocess.run(
+        cmd, cwd=ROOT, env=_env(ray_local), capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert f"run 'pre' already finished at step {STEPS}: nothing to train" in again.stdout
+    assert "Ray and DeepSpeed logs go to" not in again.stderr  # no Ray session was entered
+    last = read_events(rd)[-1]
+    assert (last["event"], last["step"], last["finished"]) == ("resume", STEPS, True)
+    assert json.loads((export / "provenance.json").read_text())["step"] == STEPS
