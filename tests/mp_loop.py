@@ -7,8 +7,8 @@ one fork server per test process, which has imported torch, DeepSpeed, transform
 loop (a rank starts in well under a second instead of ~4 s of imports). Checkpoints are written as
 ``raylm train`` writes them on a local storage path: every rank's files in place in
 ``run_dir/<checkpoint name>``, so ``raylm export`` reads them, and a run dir that has checkpoints
-resumes from the newest that verifies. What only Ray does (restarts,
-SIGTERM, S3, placement) stays tested through ``raylm train``.
+resumes from the newest that verifies. What only Ray does (restarts, SIGTERM, S3, placement) stays
+tested through ``raylm train``.
 """
 
 from __future__ import annotations

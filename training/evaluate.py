@@ -576,11 +576,11 @@ def one_pass(generate: Generate, plan: EvalPlan) -> Generate:
 
     def replay(conversations: list[Messages], max_new_tokens: int) -> list[str]:
         nonlocal given
-        asked = [r.messages for r in records[given : given + len(conversations)]]
+        start, given = given, given + len(conversations)
+        asked = [r.messages for r in records[start:given]]
         if max_new_tokens != plan.cfg.max_new_tokens or asked != conversations:
             raise RuntimeError("one_pass: asked for prompts other than the planned ones, in order")
-        given += len(conversations)
-        return answers[given - len(conversations) : given]
+        return answers[start:given]
 
     return replay
 

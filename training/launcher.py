@@ -475,29 +475,40 @@ def _worker_io(
 
 
 def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | None = None) -> Any:
-    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path``; returns Ray's Result, or a
-    :class:`FinishedRun` when the run had nothing left to train (:func:`finish_if_done`).
+    """Run (or resume) ``cfg.name`` under ``cfg.train.storage_path`` under the run lock; returns
+    Ray's Result, or a :class:`FinishedRun` when the run had nothing left to train (see
+    :func:`finish_if_done`). Raises :class:`Preempted` when the workers stopped on SIGTERM.
 
     ``hooks`` are callables handed to every worker's loop (they travel by cloudpickle in
     ``train_loop_config``): the tests' fault injection and gradient capture. None in production.
     """
+    job = job or plan_job(cfg)
+    with open_run(cfg) as run:
+        if run.fs is None:
+            _check_resume(cfg, run.local, job)
+            finished = _finish(cfg, job, run)
+            if finished is not None:
+                return finished
+        if job.reference:  # DPO: the reference log-probs, once, before any worker starts
+            from training.reference import ensure_references
+
+            ensure_references(job, cfg.scaling)
+        result = _fit_workers(cfg, job, _trainer(cfg, job, hooks), run)
+        _export(cfg, run)
+    return result
+
+
+def _trainer(cfg: RaylmConfig, job: WorkerJob, hooks: WorkerHooks | None) -> Any:
+    """The Ray Train ``TorchTrainer`` running :func:`_train_fn` on ``cfg.scaling``'s workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
 
     from training.ray_backend import PreemptibleTorchConfig
 
-    job = job or plan_job(cfg)
-    finished = finish_if_done(cfg, job)
-    if finished is not None:
-        return finished
     sc = cfg.scaling
-    if job.reference:  # DPO: the reference log-probs, once, before any worker starts
-        from training.reference import ensure_references
-
-        ensure_references(job, sc)
     storage, fs = _ray_storage(cfg)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_fn,
         train_loop_config={
             "job": job_to_dict(job),
@@ -522,7 +533,6 @@ def train(cfg: RaylmConfig, job: WorkerJob | None = None, hooks: WorkerHooks | N
             backend="nccl" if sc.use_gpu else "gloo", timeout_s=sc.collective_timeout_s
         ),  # fmt: skip
     )
-    return _fit(cfg, job, trainer)
 
 
 def _check_resume(cfg: RaylmConfig, rd: Path, job: WorkerJob) -> None:
@@ -550,9 +560,7 @@ class FinishedRun:
     """What :func:`train` returns when the run had nothing left to train (else Ray's Result)."""
 
     checkpoint: Any  # ray.train.Checkpoint of the last step
-    path: str
     step: int
-    error: None = None
 
 
 def finished_checkpoint(rd: Path, job: WorkerJob) -> tuple[Path, TrainState] | None:
@@ -578,37 +586,30 @@ def finished_checkpoint(rd: Path, job: WorkerJob) -> tuple[Path, TrainState] | N
 
 def finish_if_done(cfg: RaylmConfig, job: WorkerJob) -> FinishedRun | None:
     """A local run whose last step is already checkpointed (and verifies) needs no worker, nor
-    Ray: under the run lock, record the resume (``finished: true``), export when configured, and
-    return a :class:`FinishedRun`. None otherwise (S3 runs leave this to the workers); a run with
-    steps left costs a state-file read here."""
+    Ray: under the run lock, refuse changed resume keys, record the resume (``finished: true``),
+    export when configured, and return a :class:`FinishedRun`. None otherwise (S3 runs leave this
+    to the workers); a run with steps left costs a state-file read here."""
     if is_s3(cfg.train.storage_path):
         return None
     with open_run(cfg) as run:
-        rd = run.local
-        _check_resume(cfg, rd, job)
-        done = finished_checkpoint(rd, job)
-        if done is None:
-            return None
-        import ray.train  # the Checkpoint class only: no Ray instance is needed
-
-        ckpt, state = done
-        append_event(rd, "resume", step=state.step, checkpoint=str(ckpt), skipped=[],
-                     finished=True)  # fmt: skip
-        log.info("run %s already finished at step %d (%s): nothing to train", cfg.name,
-                 state.step, ckpt)  # fmt: skip
-        _export(cfg, run)
-        return FinishedRun(ray.train.Checkpoint.from_directory(str(ckpt)), str(rd), state.step)
+        _check_resume(cfg, run.local, job)
+        return _finish(cfg, job, run)
 
 
-def _fit(cfg: RaylmConfig, job: WorkerJob, trainer: Any) -> Any:
-    """``fit()`` under the run lock, with the driver's SIGTERM handler and progress bar; then the
-    export, if configured. Raises :class:`Preempted` when the workers stopped on SIGTERM."""
-    with open_run(cfg) as run:
-        if run.fs is None:
-            _check_resume(cfg, run.local, job)
-        result = _fit_workers(cfg, job, trainer, run)
-        _export(cfg, run)
-    return result
+def _finish(cfg: RaylmConfig, job: WorkerJob, run: RunView) -> FinishedRun | None:
+    """:func:`finish_if_done`'s work inside a held run lock, after the resume-key check."""
+    done = finished_checkpoint(run.local, job)
+    if done is None:
+        return None
+    import ray.train  # the Checkpoint class only: no Ray instance is needed
+
+    ckpt, state = done
+    append_event(run.local, "resume", step=state.step, checkpoint=str(ckpt), skipped=[],
+                 finished=True)  # fmt: skip
+    log.info("run %s already finished at step %d (%s): nothing to train", cfg.name, state.step,
+             ckpt)  # fmt: skip
+    _export(cfg, run)
+    return FinishedRun(ray.train.Checkpoint.from_directory(str(ckpt)), state.step)
 
 
 def _export(cfg: RaylmConfig, run: RunView) -> None:
